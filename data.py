@@ -1,0 +1,368 @@
+"""Datasets and the device-side augmentation shared by train.py, eval.py and visualize.py.
+
+A dataset is an `ImageData`: uint8 images (N, C, S, S) held once in memory (moved to the training
+device by the caller) plus labels where the dataset has them. Folders of large images that would
+not fit are streamed instead through a DataLoader with workers (`ImageData.files`). Either way the
+two augmented views (PAPER.md, "Views") are made on the device, batched, from a seeded generator.
+"""
+import gzip
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+STATS = {  # per-channel mean and std of the training images, in [0, 1]
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
+    "mnist": ((0.1307,) * 3, (0.3081,) * 3),
+    "synthetic": ((0.5,) * 3, (0.25,) * 3),
+}
+DATASETS = ("cifar10", "cifar100", "stl10", "fashion-mnist", "mnist", "flowers102", "pets", "synthetic")
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+MEMORY_BUDGET = 4 << 30  # bytes: folders whose decoded images exceed this are streamed each epoch
+
+
+class DataError(ValueError):
+    """A dataset that cannot be had (unknown name, missing folder, no images); one-line message."""
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor | None   # (N, C, S, S) uint8, C = 1 or 3; None when streamed
+    labels: torch.Tensor | None   # (N,) int64, or None for unlabelled data
+    mean: tuple                   # per-channel mean of 3-channel images, in [0, 1]
+    std: tuple
+    num_classes: int = 0
+    files: object = None          # a Dataset of uint8 images, when streamed instead of held
+    skipped: int = 0              # unreadable files skipped (folders)
+
+    def __len__(self):
+        return len(self.images) if self.images is not None else len(self.files)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+def load(name, data_dir="./data", train=True, limit=0, pretrain=False, size=32):
+    """The `train` or test split of dataset `name` (one of DATASETS, or a folder of images).
+
+    pretrain: the split used for self-supervised pretraining (STL-10: unlabelled + train).
+    size: side at which file-based images (folders, flowers102, pets) are decoded and held.
+    limit: keep only the first `limit` images (0 = all).
+    """
+    if name not in DATASETS:
+        if os.path.isdir(name):
+            data = load_folder(name, size)
+        elif os.sep in name or name.startswith("."):
+            raise DataError(f"no such folder: {name}")
+        else:
+            raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or a folder of images")
+    elif name == "synthetic":
+        data = synthetic(train)
+    elif name == "fashion-mnist":
+        data = fashion_mnist(data_dir, train)
+    else:
+        data = torchvision_split(name, data_dir, train, pretrain, size)
+    if limit and limit < len(data):
+        data.images = data.images[:limit] if data.images is not None else None
+        data.labels = data.labels[:limit] if data.labels is not None else None
+        if data.files is not None:
+            data.files = torch.utils.data.Subset(data.files, range(limit))
+    return data
+
+
+def synthetic(train, n=None, size=32, classes=10):
+    """Labelled toy images: a class-specific oriented colour grating, random phase, plus noise."""
+    n = n or (2048 if train else 512)
+    g = torch.Generator().manual_seed(1 if train else 2)
+    labels = torch.arange(n) % classes
+    angle = labels.float() * math.pi / classes                       # (N,) orientation per class
+    colour = torch.rand(classes, 3, generator=torch.Generator().manual_seed(0))[labels]  # (N, 3)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    phase = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
+    wave = torch.sin((xx * angle.cos().view(-1, 1, 1) + yy * angle.sin().view(-1, 1, 1)) * 0.6 + phase)
+    img = 0.5 + 0.4 * wave[:, None] * colour[..., None, None]        # (N, 3, S, S)
+    img = img + 0.05 * torch.randn(img.shape, generator=g)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageData(images, labels, *STATS["synthetic"], num_classes=classes)
+
+
+def read_idx_gz(path):
+    """An idx file (MNIST format), gzip-compressed, as a numpy array."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(data_dir, train):
+    """Fashion-MNIST from Debian's dataset-fashion-mnist when installed, else torchvision's download."""
+    prefix = "train" if train else "t10k"
+    folder = FASHION_MNIST_DEBIAN
+    if not os.path.exists(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")):
+        import torchvision
+        ds = torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
+        return ImageData(ds.data[:, None].clone(), ds.targets.clone(), *STATS["fashion-mnist"], 10)
+    images = torch.from_numpy(read_idx_gz(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")).copy())
+    labels = torch.from_numpy(read_idx_gz(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64))
+    return ImageData(images[:, None], labels, *STATS["fashion-mnist"], num_classes=10)
+
+
+def torchvision_split(name, data_dir, train, pretrain, size):
+    """CIFAR, STL-10, MNIST, Flowers-102, Oxford-IIIT Pets through torchvision (downloaded once)."""
+    import torchvision.datasets as tvd
+    os.makedirs(data_dir, exist_ok=True)
+    if name in ("cifar10", "cifar100"):
+        ds = (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(data_dir, train=train, download=True)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return ImageData(images, torch.tensor(ds.targets), *STATS[name], len(ds.classes))
+    if name == "mnist":
+        ds = tvd.MNIST(data_dir, train=train, download=True)
+        return ImageData(ds.data[:, None].clone(), ds.targets.clone(), *STATS["mnist"], 10)
+    if name == "stl10":
+        split = "train+unlabeled" if (train and pretrain) else ("train" if train else "test")
+        ds = tvd.STL10(data_dir, split=split, download=True)
+        labels = torch.from_numpy(ds.labels.astype(np.int64))
+        return ImageData(torch.from_numpy(ds.data), None if pretrain and train else labels, *STATS["stl10"], 10)
+    if name == "flowers102":  # train + val for training, as is usual for this small dataset
+        parts = [tvd.Flowers102(data_dir, split=s, download=True) for s in (("train", "val") if train else ("test",))]
+        files = [(str(f), int(y)) for p in parts for f, y in zip(p._image_files, p._labels)]
+        return decode_files(files, size, 102)
+    if name == "pets":
+        ds = tvd.OxfordIIITPet(data_dir, split="trainval" if train else "test", download=True)
+        return decode_files([(str(f), int(y)) for f, y in zip(ds._images, ds._labels)], size, 37)
+    raise DataError(f"unknown dataset {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Image files: decoded by DataLoader workers, resized (short side) and centre-cropped to S x S
+# ------------------------------------------------------------------------------------------------
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(path, label) pairs -> (uint8 (3, S, S) image, label); an unreadable file gives an empty image."""
+
+    def __init__(self, items, size):
+        self.items, self.size = items, size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        import torchvision.transforms.functional as TF
+        path, label = self.items[i]
+        try:
+            with Image.open(path) as im:
+                im = TF.center_crop(TF.resize(im.convert("RGB"), self.size), self.size)
+                return TF.pil_to_tensor(im), label
+        except Exception:
+            return torch.empty(0, dtype=torch.uint8), label
+
+
+def find_images(folder):
+    return sorted(os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True)
+                  for f in names if f.lower().endswith(IMAGE_EXTS))
+
+
+def load_folder(folder, size):
+    """Every image under `folder` (recursively), unlabelled; unreadable files are skipped and counted."""
+    paths = find_images(folder)
+    if not paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found under {folder}")
+    if len(paths) * 3 * size * size > MEMORY_BUDGET:
+        return ImageData(None, None, *IMAGENET_STATS, files=ImageFiles([(p, -1) for p in paths], size))
+    data = decode_files([(p, -1) for p in paths], size, 0)
+    if not len(data):
+        raise DataError(f"none of the {data.skipped} image files under {folder} could be read")
+    data.labels = None
+    return data
+
+
+def decode_files(items, size, num_classes, workers=None):
+    """Decode every file once with DataLoader workers into one uint8 tensor (N, 3, S, S)."""
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    loader = torch.utils.data.DataLoader(ImageFiles(items, size), batch_size=64, num_workers=workers,
+                                         collate_fn=list)
+    images, labels, skipped = [], [], 0
+    for batch in loader:
+        for img, label in batch:
+            if img.numel() == 0:
+                skipped += 1
+            else:
+                images.append(img)
+                labels.append(label)
+    images = torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return ImageData(images, torch.tensor(labels, dtype=torch.long), *IMAGENET_STATS, num_classes, skipped=skipped)
+
+
+def collate_readable(batch):
+    """Stack the readable images of a streamed batch (unreadable ones are dropped)."""
+    return torch.stack([img for img, _ in batch if img.numel() > 0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches of one epoch: a seeded permutation per epoch, so a resumed run sees the same order
+# ------------------------------------------------------------------------------------------------
+
+def epoch_order(n, epoch, seed):
+    """The permutation of n images for `epoch`; a pure function of (n, epoch, seed)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def epoch_batches(data, images, batch_size, epoch, seed, start=0, rank=0, world=1, workers=4):
+    """uint8 batches (B/world, C, S, S) on `images`' device for this rank, from batch index `start`.
+
+    images: data.images already moved to the training device, or None to stream data.files.
+    The last incomplete global batch is dropped, so every step has the same shape.
+    """
+    order = epoch_order(len(data), epoch, seed)
+    steps = len(data) // batch_size
+    local = batch_size // world
+    if images is not None:
+        order = order.to(images.device)
+        for s in range(start, steps):
+            idx = order[s * batch_size + rank * local: s * batch_size + (rank + 1) * local]
+            yield images[idx]
+        return
+    idx = [order[s * batch_size + rank * local + j].item() for s in range(start, steps) for j in range(local)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data.files, idx), batch_size=local,
+                                         num_workers=workers, collate_fn=collate_readable,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    for batch in loader:
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Device-side augmentation (batched): crop, flip, colour jitter, grayscale, blur, solarize
+# ------------------------------------------------------------------------------------------------
+
+def to_unit(x):
+    """uint8 (B, C, S, S), C = 1 or 3 -> float (B, 3, S, S) in [0, 1]."""
+    x = x.float() / 255
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def normalize(x, mean, std):
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def denormalize(x, mean, std):
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+def prepare(x, size, mean, std):
+    """Evaluation transform: uint8 (B, C, S, S) -> normalised float (B, 3, size, size)."""
+    x = to_unit(x)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return normalize(x, mean, std)
+
+
+def rand(B, generator, device, lo=0.0, hi=1.0):
+    return lo + (hi - lo) * torch.rand(B, generator=generator, device=device)
+
+
+def random_resized_crop(x, size, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5):
+    """Per-image crop of area share ~U(scale) and aspect ~logU(ratio), resized to size; flip p 0.5.
+
+    One affine grid_sample for the batch. Differs from torchvision: a crop that would not fit is
+    clamped to the image instead of re-drawn (up to 10 times) and falling back to a centre crop.
+    """
+    B, dev = x.shape[0], x.device
+    area = rand(B, generator, dev, *scale)
+    log_r = rand(B, generator, dev, math.log(ratio[0]), math.log(ratio[1]))
+    w = (area * log_r.exp()).sqrt().clamp(max=1)                    # crop width / image width
+    h = (area / log_r.exp()).sqrt().clamp(max=1)
+    cx = (2 * rand(B, generator, dev) - 1) * (1 - w)                # crop centre, in [-1, 1] coords
+    cy = (2 * rand(B, generator, dev) - 1) * (1 - h)
+    sign = torch.where(rand(B, generator, dev) < flip, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def gray(x):
+    """Luma (B, 1, H, W) of RGB images in [0, 1] (ITU-R 601 weights, as torchvision)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def color_jitter(x, generator, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """Brightness, contrast, saturation and hue jitter, each image with probability p.
+
+    Differs from torchvision: a fixed order (not a random one) and hue rotated in YIQ space
+    (a 3x3 matrix per image) instead of through HSV; both keep it a few batched ops.
+    """
+    B, dev = x.shape[0], x.device
+    on = (rand(B, generator, dev) < p).float().view(B, 1, 1, 1)
+    def factor(a):
+        return 1 + on * (rand(B, generator, dev, -a, a).view(B, 1, 1, 1))
+    x = (x * factor(brightness)).clamp(0, 1)
+    x = ((x - gray(x).mean((2, 3), keepdim=True)) * factor(contrast) + gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
+    x = ((x - gray(x)) * factor(saturation) + gray(x)).clamp(0, 1)
+    angle = on.view(B) * rand(B, generator, dev, -hue, hue) * 2 * math.pi
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+    c, s = angle.cos(), angle.sin()
+    rot = torch.zeros(B, 3, 3, device=dev)
+    rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, c, -s, s, c
+    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq                     # (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
+
+
+def random_grayscale(x, generator, p=0.2):
+    on = (rand(x.shape[0], generator, x.device) < p).view(-1, 1, 1, 1)
+    return torch.where(on, gray(x).expand_as(x), x)
+
+
+def gaussian_blur(x, generator, p, sigma=(0.1, 2.0)):
+    """Per-image Gaussian blur with probability p, sigma ~ U(sigma) (pixels), separable, one conv each way."""
+    B, C, H, W = x.shape
+    dev = x.device
+    s = rand(B, generator, dev, *sigma)
+    s = torch.where(rand(B, generator, dev) < p, s, torch.full_like(s, 1e-3))  # ~ identity kernel
+    r = max(1, math.ceil(3 * sigma[1]))
+    t = torch.arange(-r, r + 1, device=dev, dtype=x.dtype)
+    k = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)        # (B*C, 2r+1)
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect" if r < min(H, W) else "replicate")
+    y = F.conv2d(y, k.view(B * C, 1, 1, -1), groups=B * C)
+    y = F.conv2d(y, k.view(B * C, 1, -1, 1), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def solarize(x, generator, p):
+    on = (rand(x.shape[0], generator, x.device) < p).view(-1, 1, 1, 1)
+    return torch.where(on & (x >= 0.5), 1 - x, x)
+
+
+def augment(x, size, generator, blur_p, solarize_p):
+    """One view: uint8 (B, C, S, S) -> float (B, 3, size, size) in [0, 1]."""
+    x = random_resized_crop(to_unit(x), size, generator)
+    x = random_grayscale(color_jitter(x, generator), generator)
+    # The reference blurs images upsampled to 224 px with sigma in [0.1, 2]; at other sizes the same
+    # relative blur is sigma x size / 224.
+    x = gaussian_blur(x, generator, blur_p, sigma=(0.1 * size / 224, 2.0 * size / 224))
+    return solarize(x, generator, solarize_p)
+
+
+def two_views(x, size, mean, std, generator):
+    """The two normalised views of a uint8 batch, stacked (2B, 3, size, size): [view 1; view 2].
+
+    View 1: blur p 1.0. View 2: blur p 0.1, solarize p 0.2 (as in BYOL/DINO and the reference).
+    """
+    v1 = augment(x, size, generator, blur_p=1.0, solarize_p=0.0)
+    v2 = augment(x, size, generator, blur_p=0.1, solarize_p=0.2)
+    return normalize(torch.cat([v1, v2]), mean, std)
