@@ -181,14 +181,14 @@ def gmml_mask(share, H, W, align, max_block=0.3, generator=None, max_share=0.95)
     # first[b, i, j]: index of the first block covering cell (i, j); K if none does.
     order = torch.arange(K, device=device, dtype=torch.uint8).view(1, K, 1, 1)
     first = torch.where(in_rows[..., None] & in_cols[..., None, :], order, K).amin(1)  # (B, gh, gw)
-    # Share covered by the first k + 1 blocks, for every k at once.
+    # Share covered by the first n blocks, for every n = 0..K at once.
     hits = torch.zeros(B, K + 1, device=device).scatter_add_(
         1, first.view(B, -1).long(), torch.ones(B, gh * gw, device=device))
-    covered = hits[:, :K].cumsum(1) / (gh * gw)                     # (B, K)
+    covered = F.pad(hits[:, :K].cumsum(1), (1, 0)) / (gh * gw)      # (B, K + 1)
     reached = covered >= share[:, None]
-    # Stop at the first block that reaches the share (keep all K if none does).
-    k = torch.where(reached.any(1), reached.float().argmax(1), K - 1)
-    cells = first <= k.view(B, 1, 1).to(first.dtype)               # (B, gh, gw)
+    # Keep blocks up to the first that reaches the share (none for share 0; all K if none does).
+    n = torch.where(reached.any(1), reached.float().argmax(1), K)
+    cells = first < n.view(B, 1, 1)                                 # (B, gh, gw)
     mask = cells.repeat_interleave(align, 1).repeat_interleave(align, 2)[:, :H, :W]
     return mask[:, None]                                            # (B, 1, H, W)
 
@@ -512,7 +512,7 @@ def save_checkpoint(path, cfg, model, optimizer=None, step=0, epoch=0, extra=Non
     `model` is the plain SiT module (not a compiled or DDP wrapper), so keys carry no prefixes.
     The file appears whole or not at all: temp file in the same folder, then rename.
     """
-    state = dict(format="sit-checkpoint-v1", config=cfg.to_dict(), torch_version=torch.__version__,
+    state = dict(format="sit-checkpoint-v1", config=cfg.to_dict(), torch_version=str(torch.__version__),
                  student=model.student.state_dict(), teacher=model.teacher.state_dict(),
                  optimizer=optimizer.state_dict() if optimizer is not None else None,
                  step=int(step), epoch=int(epoch), extra=extra or {})

@@ -1,0 +1,493 @@
+"""Tests of sit.py: small, seeded, CPU only, no network. Run: python -m pytest -q test_sit.py
+
+Each test states in its docstring the property it checks. Tiny sizes throughout (D 32, depth 2,
+16 x 16 images, P 4) so the whole file runs in seconds on a 2-core laptop.
+"""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sit
+
+# Tiny tensors: one intra-op thread is faster than two, and stays fast while the CPU is shared.
+torch.set_num_threads(1)
+
+TINY = dict(model="tiny", dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64,
+            proj_dim=16)
+
+
+def tiny_cfg(**kw):
+    return sit.Config(**{**TINY, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def two_views(cfg, B=4, seed=0):
+    """clean, corrupted (2B, C, H, W) and mask (2B, 1, H, W), as train.py stacks the two views."""
+    g = gen(seed)
+    clean = torch.randn(2 * B, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    corrupted, mask = sit.gmml_corrupt(clean, cfg.drop_perc, cfg.drop_replace, cfg.drop_align,
+                                       cfg.drop_type, cfg.max_block, generator=g)
+    return clean, corrupted, mask
+
+
+def swap_views(t):
+    a, b = t.chunk(2)
+    return torch.cat([b, a])
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+def test_config_presets_fill_sizes():
+    """Presets fill dim/depth/heads when they are 0, and explicit values override the preset."""
+    for name, (D, depth, h) in sit.MODEL_PRESETS.items():
+        cfg = sit.Config(model=name)
+        assert (cfg.dim, cfg.depth, cfg.heads) == (D, depth, h)
+    assert (sit.Config(model="tiny").dim, sit.Config(model="base").heads) == (192, 12)
+    cfg = tiny_cfg()
+    assert (cfg.dim, cfg.depth, cfg.heads) == (32, 2, 2)
+
+
+def test_config_drop_align_defaults_to_patch_size():
+    """drop_align 0 resolves to the patch size (groups of tokens); an explicit value is kept."""
+    assert sit.Config(patch_size=8, img_size=32).drop_align == 8
+    assert sit.Config(patch_size=4, drop_align=1).drop_align == 1
+
+
+def test_config_rejects_bad_values():
+    """img_size not a multiple of patch_size, an unknown preset or drop type raise ValueError."""
+    with pytest.raises(ValueError):
+        sit.Config(img_size=30, patch_size=4)
+    with pytest.raises(ValueError):
+        sit.Config(model="huge")
+    with pytest.raises(ValueError):
+        sit.Config(drop_type="blur")
+    with pytest.raises(ValueError):
+        sit.Config(dim=30, heads=4)
+
+
+def test_config_dict_and_command_line_round_trip():
+    """Config.from_dict(cfg.to_dict()) == cfg, unknown keys are ignored, and the generated
+    command line parses back to the same Config."""
+    cfg = tiny_cfg(drop_perc=0.7, alpha=1.0, compile=True)
+    assert sit.Config.from_dict(cfg.to_dict()) == cfg
+    assert sit.Config.from_dict({**cfg.to_dict(), "gone_field": 3}) == cfg
+    parser = argparse.ArgumentParser()
+    sit.Config.add_args(parser)
+    args = parser.parse_args(["--model", "tiny", "--dim", "32", "--depth", "2", "--heads", "2",
+                              "--img-size", "16", "--patch-size", "4", "--proj-hidden", "64",
+                              "--proj-dim", "16", "--drop-perc", "0.7", "--alpha", "1", "--compile"])
+    assert sit.Config.from_args(args) == cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Patches
+# ------------------------------------------------------------------------------------------------
+
+def test_patchify_round_trip_and_layout():
+    """unpatchify(patchify(x)) == x, and patch 0 / patch 1 are the top-left / next-right P x P
+    blocks flattened in (row, column, channel) order."""
+    B, C, H, W, P = 2, 3, 8, 12, 4
+    x = torch.randn(B, C, H, W)
+    p = sit.patchify(x, P)
+    assert p.shape == (B, (H // P) * (W // P), P * P * C)
+    assert torch.equal(sit.unpatchify(p, P, H, W), x)
+    assert torch.equal(p[:, 0], x[:, :, :P, :P].permute(0, 2, 3, 1).reshape(B, -1))
+    assert torch.equal(p[:, 1], x[:, :, :P, P:2 * P].permute(0, 2, 3, 1).reshape(B, -1))
+    assert torch.equal(p[:, W // P], x[:, :, P:2 * P, :P].permute(0, 2, 3, 1).reshape(B, -1))
+
+
+# ------------------------------------------------------------------------------------------------
+# GMML corruption
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("align", [4, 1])
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.75])
+def test_mask_share_within_bounds(p, align):
+    """Each image's corrupted share lies in [min(0.5, p), p + one largest block's share]; the mask
+    is bool (B, 1, H, W)."""
+    H = W = 32
+    B = 16
+    x = torch.randn(B, 3, H, W)
+    cells = max(1, int(H // align * 0.3))                            # largest block side, cells
+    block_share = (cells * align) ** 2 / (H * W)
+    for seed in range(4):
+        _, mask = sit.gmml_corrupt(x, drop_perc=p, drop_replace=p, align=align, generator=gen(seed))
+        assert mask.dtype == torch.bool and mask.shape == (B, 1, H, W)
+        share = mask.float().mean((1, 2, 3))
+        assert (share >= min(0.5, p) - 1e-6).all(), share
+        assert (share <= p + block_share + 1e-6).all(), share
+
+
+def test_gmml_mask_reaches_given_share():
+    """gmml_mask covers at least the share asked of each image and at most one block more."""
+    share = torch.tensor([0.1, 0.25, 0.5, 0.6, 0.8])
+    mask = sit.gmml_mask(share, 16, 16, align=4, max_block=0.5, generator=gen(3), max_share=0.8)
+    got = mask.float().mean((1, 2, 3))
+    assert (got >= share - 1e-6).all(), got
+    assert (got <= share + (2 * 4) ** 2 / 256 + 1e-6).all(), got
+
+
+def test_zero_share_corrupts_nothing():
+    """A target share of 0 (e.g. --drop-perc 0) gives an empty mask and leaves the images as they are."""
+    mask = sit.gmml_mask(torch.zeros(4), 16, 16, align=4, generator=gen(0))
+    assert not mask.any()
+    x = torch.randn(4, 3, 16, 16)
+    out, mask = sit.gmml_corrupt(x, drop_perc=0.0, drop_replace=0.0, align=4, generator=gen(0))
+    assert not mask.any() and torch.equal(out, x)
+
+
+@pytest.mark.parametrize("align", [4, 8])
+def test_mask_aligned_to_grid(align):
+    """With drop_align = a, every a x a cell of the mask is all True or all False."""
+    H = W = 32
+    _, mask = sit.gmml_corrupt(torch.randn(8, 3, H, W), 0.6, 0.6, align=align, generator=gen(1))
+    cells = sit.patchify(mask.float(), align)                        # (B, N, a*a)
+    assert ((cells == 0).all(-1) | (cells == 1).all(-1)).all()
+    assert mask.any() and not mask.all()
+
+
+def test_mask_not_aligned_with_align_1():
+    """With drop_align 1 (the reference default) some blocks cut through patches."""
+    _, mask = sit.gmml_corrupt(torch.randn(8, 3, 32, 32), 0.5, 0.5, align=1, generator=gen(1))
+    cells = sit.patchify(mask.float(), 4)
+    assert not ((cells == 0).all(-1) | (cells == 1).all(-1)).all()
+
+
+@pytest.mark.parametrize("B", [2, 5])
+def test_replacement_never_from_the_image_itself(B):
+    """Replaced regions come from the same place in one *other* image; other corrupted images are
+    zero-filled (drop_type zeros)."""
+    H = W = 8
+    pix = torch.arange(3 * H * W, dtype=torch.float64).view(1, 3, H, W)
+    ids = torch.arange(B, dtype=torch.float64).view(B, 1, 1, 1)
+    x = 1000 * (ids + 1) + pix                                       # image b: its own constant + position
+    n_replaced = 0
+    for seed in range(40):
+        out, mask = sit.gmml_corrupt(x, drop_perc=0.5, drop_replace=0.5, align=2, drop_type="zeros",
+                                     generator=gen(seed))
+        for b in range(B):
+            m = mask[b].expand(3, H, W)
+            vals = out[b][m]
+            assert vals.numel() > 0
+            if (vals == 0).all():                                    # zero fill
+                continue
+            src = torch.round((vals - pix[0][m]) / 1000 - 1)         # which image each pixel came from
+            assert (vals == x[src.long(), 0, 0, 0] + pix[0][m]).all()  # same region of that image
+            assert (src == src[0]).all() and src[0] != b, (seed, b, src.unique())
+            n_replaced += 1
+    assert n_replaced > 0.3 * 40 * B                                 # about half the images
+
+
+def test_corruption_reproducible_from_generator():
+    """Same generator seed -> same masks and corrupted images; different seeds -> different masks."""
+    x = torch.randn(6, 3, 16, 16)
+    a, ma = sit.gmml_corrupt(x, 0.5, 0.3, align=4, generator=gen(7))
+    b, mb = sit.gmml_corrupt(x, 0.5, 0.3, align=4, generator=gen(7))
+    _, mc = sit.gmml_corrupt(x, 0.5, 0.3, align=4, generator=gen(8))
+    assert torch.equal(ma, mb) and torch.equal(a, b)
+    assert not torch.equal(ma, mc)
+
+
+@pytest.mark.parametrize("drop_type", ["noise", "zeros"])
+def test_corruption_changes_only_masked_pixels(drop_type):
+    """Every corrupted pixel is changed, every other pixel is exactly the input."""
+    x = torch.randn(8, 3, 16, 16) + 5                                # no zeros, far from N(0, 1) fill
+    out, mask = sit.gmml_corrupt(x, 0.5, 0.3, align=4, drop_type=drop_type, generator=gen(2))
+    m = mask.expand_as(x)
+    assert m.any()
+    assert torch.equal(out[~m], x[~m])
+    assert (out[m] != x[m]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformer
+# ------------------------------------------------------------------------------------------------
+
+def test_attention_matches_hand_computation():
+    """Attention.forward == proj(softmax(q k^T / sqrt(d)) v) and Attention.weights == that softmax,
+    with q, k, v, the softmax and the head split written out by hand."""
+    B, N, D, h = 2, 5, 8, 2
+    d = D // h
+    attn = sit.Attention(D, h)
+    x = torch.randn(B, N, D)
+    qkv = x @ attn.qkv.weight.t() + attn.qkv.bias                    # (B, N, 3D): q | k | v, heads inside
+    q, k, v = (qkv[..., i * D:(i + 1) * D].reshape(B, N, h, d).transpose(1, 2) for i in range(3))
+    s = q @ k.transpose(-2, -1) / math.sqrt(d)                       # (B, h, N, N)
+    w = torch.exp(s - s.max(-1, keepdim=True).values)
+    w = w / w.sum(-1, keepdim=True)
+    o = (w @ v).transpose(1, 2).reshape(B, N, D)
+    expected = o @ attn.proj.weight.t() + attn.proj.bias
+    with torch.no_grad():
+        torch.testing.assert_close(attn.weights(x), w)
+        torch.testing.assert_close(attn(x), expected)
+
+
+def test_last_attention_rows_sum_to_one_and_match_last_block():
+    """ViT.last_attention has rows summing to 1 and equals the softmax of the last block's q k^T,
+    whose weighted values give that block's attention output."""
+    cfg = tiny_cfg()
+    vit = sit.ViT(cfg.img_size, cfg.patch_size, 3, cfg.dim, cfg.depth, cfg.heads).eval()
+    img = torch.randn(2, 3, 16, 16)
+    w = vit.last_attention(img)
+    N1 = 1 + (16 // 4) ** 2
+    assert w.shape == (2, cfg.heads, N1, N1)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, cfg.heads, N1))
+    with torch.no_grad():
+        x = vit.embed(img)
+        for block in vit.blocks[:-1]:
+            x = block(x)
+        last = vit.blocks[-1]
+        y = last.norm1(x)
+        q, k, v = last.attn._qkv(y)
+        torch.testing.assert_close(w, torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1))
+        by_hand = last.attn.proj((w @ v).transpose(1, 2).reshape(*y.shape))
+        torch.testing.assert_close(last.attn(y), by_hand)
+
+
+def test_position_embedding_interpolation():
+    """A ViT built for 16 x 16 runs on 24 x 24, returns (B, 1 + 36, D), and the interpolated grid
+    keeps rows as rows (a position embedding that varies by row only still does)."""
+    cfg = tiny_cfg()
+    vit = sit.ViT(16, 4, 3, cfg.dim, cfg.depth, cfg.heads).eval()
+    with torch.no_grad():
+        out = vit(torch.randn(2, 3, 24, 24))
+    assert out.shape == (2, 1 + 36, cfg.dim)
+    with torch.no_grad():
+        rows = torch.arange(4.0).repeat_interleave(4).view(1, 16, 1).expand(1, 16, cfg.dim)
+        vit.pos_embed[:, 1:] = rows                                  # value = row index of the patch
+        pe = vit.pos_embed_for(6, 6)
+    assert pe.shape == (1, 37, cfg.dim)
+    torch.testing.assert_close(pe[:, 0], vit.pos_embed[:, 0])        # CLS position untouched
+    grid = pe[0, 1:, 0].view(6, 6)
+    torch.testing.assert_close(grid, grid[:, :1].expand(6, 6))       # constant along each row
+    assert (grid[1:, 0] > grid[:-1, 0]).all()                        # increasing down the rows
+    assert vit.pos_embed_for(4, 4) is vit.pos_embed
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------------
+
+def test_recon_loss_only_counts_corrupted_pixels():
+    """recon_loss is 0 for a perfect reconstruction, ignores pixels outside the mask, reacts to
+    pixels inside it, and equals mean |recon - clean| over corrupted pixels (all channels)."""
+    clean = torch.randn(3, 3, 8, 8)
+    mask = torch.zeros(3, 1, 8, 8, dtype=torch.bool)
+    mask[0, :, :4, :4] = True
+    mask[2, :, 2:8, 6:] = True
+    assert sit.recon_loss(clean.clone(), clean, mask) == 0
+    recon = clean + torch.randn_like(clean)
+    base = sit.recon_loss(recon, clean, mask)
+    m = mask.expand_as(clean)
+    outside = recon.clone()
+    outside[~m] += 10
+    assert torch.equal(sit.recon_loss(outside, clean, mask), base)
+    inside = recon.clone()
+    inside[m] += 10
+    assert sit.recon_loss(inside, clean, mask) > base + 1
+    r, c, mk = recon.numpy(), clean.numpy(), mask.numpy()
+    hand = sum(abs(r[b, ch, i, j] - c[b, ch, i, j]) for b in range(3) for ch in range(3)
+               for i in range(8) for j in range(8) if mk[b, 0, i, j]) / (mk.sum() * 3)
+    assert base.item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_contrastive_loss_matches_hand_computation():
+    """contrastive_loss == 2 tau x mean_i -log softmax_j(cos(q_i, k_j) / tau)[i], written in numpy."""
+    B, Dp, tau = 5, 7, 0.2
+    q, k = torch.randn(B, Dp), torch.randn(B, Dp)
+    qn = q.numpy().astype(np.float64)
+    kn = k.numpy().astype(np.float64)
+    qn /= np.linalg.norm(qn, axis=1, keepdims=True)
+    kn /= np.linalg.norm(kn, axis=1, keepdims=True)
+    logits = qn @ kn.T / tau
+    log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    hand = -np.mean(np.diag(log_softmax)) * 2 * tau
+    got = sit.contrastive_loss(q, k, tau)
+    assert got.item() == pytest.approx(hand, rel=1e-5)
+    # Only the diagonal is positive: aligned keys give a lower loss than shuffled ones.
+    assert sit.contrastive_loss(q, q, tau) < sit.contrastive_loss(q, q.roll(1, 0), tau)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_sit_loss_symmetric_in_views(mode):
+    """Swapping view 1 and view 2 (clean, corrupted and mask together) leaves loss_contr and
+    loss_recons unchanged (train mode with drop_path 0: batch norm uses each view's own statistics)."""
+    cfg = tiny_cfg(drop_path=0.0)
+    model = sit.SiT(cfg).train(mode == "train")
+    clean, corrupted, mask = two_views(cfg)
+    with torch.no_grad():
+        a = model(clean, corrupted, mask)
+        b = model(swap_views(clean), swap_views(corrupted), swap_views(mask))
+    torch.testing.assert_close(a["loss_contr"], b["loss_contr"])
+    torch.testing.assert_close(a["loss_recons"], b["loss_recons"])
+    torch.testing.assert_close(a["loss"], cfg.alpha * a["loss_recons"] + a["loss_contr"])
+    # The two InfoNCE terms differ, so the symmetry is not that of two equal numbers.
+    q1, q2 = (model.student.head(t) for t in model.student.backbone(corrupted)[:, 0].chunk(2))
+    k1, k2 = (model.teacher.head(t) for t in model.teacher.backbone(clean)[:, 0].chunk(2))
+    assert not torch.isclose(sit.contrastive_loss(q1, k2, cfg.tau), sit.contrastive_loss(q2, k1, cfg.tau))
+
+
+# ------------------------------------------------------------------------------------------------
+# Teacher
+# ------------------------------------------------------------------------------------------------
+
+def test_teacher_gets_no_gradients():
+    """After loss.backward() every teacher parameter has requires_grad False and .grad None, while
+    the student's backbone, head and decoder all get gradients."""
+    cfg = tiny_cfg()
+    model = sit.SiT(cfg)
+    model(*two_views(cfg))["loss"].backward()
+    for name, p in model.teacher.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+    for part in ("backbone", "head", "decoder"):
+        grads = [p.grad for p in model.student[part].parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), part
+
+
+def test_update_teacher_momentum_end_points():
+    """update_teacher(m=1) keeps the teacher, update_teacher(m=0) copies the student's backbone and
+    head; the teacher's initial weights are a copy, not shared tensors."""
+    cfg = tiny_cfg()
+    model = sit.SiT(cfg)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    teacher0 = {n: p.clone() for n, p in model.teacher.named_parameters()}
+    student = dict(model.student.named_parameters())
+    assert any(not torch.equal(p, student[n]) for n, p in teacher0.items())
+    model.update_teacher(1.0)
+    for n, p in model.teacher.named_parameters():
+        assert torch.equal(p, teacher0[n]), n
+    model.update_teacher(0.5)
+    for n, p in model.teacher.named_parameters():
+        torch.testing.assert_close(p, (teacher0[n] + student[n]) / 2)
+    model.update_teacher(0.0)
+    for n, p in model.teacher.named_parameters():
+        assert torch.equal(p, student[n]), n
+    assert set(dict(model.teacher.named_parameters())) == {n for n in student if not n.startswith("decoder")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedules
+# ------------------------------------------------------------------------------------------------
+
+def test_schedule_end_points():
+    """lr: 0 at step 0, lr x batch/256 at the end of warm-up, min_lr at the end; weight decay and
+    teacher momentum go from their start values to weight_decay_end and 1."""
+    cfg = sit.Config(lr=5e-4, batch_size=64, min_lr=1e-6, epochs=10, warmup_epochs=2,
+                     weight_decay=0.04, weight_decay_end=0.1, momentum_teacher=0.996)
+    spe = 7
+    total, warm = 10 * spe, 2 * spe
+    peak = 5e-4 * 64 / 256
+    assert sit.lr_at(0, cfg, spe) == 0
+    assert sit.lr_at(warm // 2, cfg, spe) == pytest.approx(peak / 2)
+    assert sit.lr_at(warm, cfg, spe) == pytest.approx(peak)
+    assert sit.lr_at(total, cfg, spe) == pytest.approx(1e-6)
+    assert 1e-6 < sit.lr_at((warm + total) // 2, cfg, spe) < peak
+    assert sit.weight_decay_at(0, cfg, spe) == pytest.approx(0.04)
+    assert sit.weight_decay_at(total, cfg, spe) == pytest.approx(0.1)
+    assert sit.momentum_at(0, cfg, spe) == pytest.approx(0.996)
+    assert sit.momentum_at(total, cfg, spe) == pytest.approx(1.0)
+    ms = [sit.momentum_at(s, cfg, spe) for s in range(total + 1)]
+    assert all(a <= b for a, b in zip(ms, ms[1:]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip(tmp_path):
+    """save_checkpoint then load_checkpoint rebuilds a model with identical outputs (eval mode), the
+    file loads with torch.load(weights_only=True), and step/epoch/optimizer come back."""
+    cfg = tiny_cfg()
+    model = sit.SiT(cfg)
+    opt = torch.optim.AdamW(model.student.parameters(), lr=1e-3)
+    model(*two_views(cfg))["loss"].backward()                        # moves BN stats, fills grads
+    opt.step()
+    model.update_teacher(0.5)
+    path = tmp_path / "run" / "ckpt.pt"
+    sit.save_checkpoint(str(path), cfg, model, opt, step=12, epoch=3, extra=dict(knn=0.5))
+    raw = torch.load(str(path), weights_only=True)
+    assert raw["step"] == 12 and raw["epoch"] == 3 and raw["extra"] == dict(knn=0.5)
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]   # no temp file left behind
+    cfg2, model2, ckpt = sit.load_checkpoint(str(path))
+    assert cfg2 == cfg
+    opt2 = torch.optim.AdamW(model2.student.parameters(), lr=1e-3)
+    opt2.load_state_dict(ckpt["optimizer"])
+    views = two_views(cfg, seed=1)
+    model.eval(), model2.eval()
+    with torch.no_grad():
+        a, b = model(*views), model2(*views)
+    for key in ("loss", "loss_recons", "loss_contr", "recon"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_truncated_checkpoint_raises_one_line_error(tmp_path):
+    """A checkpoint cut in half raises CheckpointError with a one-line message."""
+    cfg = tiny_cfg()
+    path = tmp_path / "ckpt.pt"
+    sit.save_checkpoint(str(path), cfg, sit.SiT(cfg))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(sit.CheckpointError) as e:
+        sit.load_checkpoint(str(path))
+    assert str(e.value) and "\n" not in str(e.value)
+
+
+def test_foreign_or_missing_file_raises_checkpoint_error(tmp_path):
+    """A torch file of a plain dict, a text file, a missing file and weights that do not fit their
+    config all raise CheckpointError (one line each)."""
+    plain, text = tmp_path / "plain.pt", tmp_path / "notes.txt"
+    torch.save({"model": {"w": torch.zeros(2)}}, str(plain))
+    text.write_text("not a checkpoint\n")
+    cfg = tiny_cfg()
+    bad = tmp_path / "bad.pt"
+    sit.save_checkpoint(str(bad), cfg, sit.SiT(cfg))
+    raw = torch.load(str(bad), weights_only=True)
+    raw["config"]["dim"] = 64                                        # weights no longer fit
+    torch.save(raw, str(bad))
+    for path in (plain, text, tmp_path / "missing.pt", bad):
+        with pytest.raises(sit.CheckpointError) as e:
+            sit.load_checkpoint(str(path))
+        assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimisation
+# ------------------------------------------------------------------------------------------------
+
+def test_few_steps_lower_the_loss():
+    """30 AdamW steps (lr 1e-3) on a tiny fixed batch, a fresh seeded corruption per step, lower
+    the total loss (mean of the last 3 steps below the mean of the first 3)."""
+    cfg = tiny_cfg()
+    model = sit.SiT(cfg)
+    opt = torch.optim.AdamW(model.student.parameters(), lr=1e-3)
+    g = gen(0)
+    img = torch.randn(8, 3, 16, 16, generator=g)
+    clean = torch.cat([img, img.flip(-1)])                           # view 2 = flipped view 1
+    losses = []
+    for step in range(30):
+        corrupted, mask = sit.gmml_corrupt(clean, cfg.drop_perc, cfg.drop_replace, cfg.drop_align,
+                                           generator=g)
+        loss = model(clean, corrupted, mask)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_teacher(0.99)
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
