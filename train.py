@@ -244,8 +244,9 @@ class Trainer:
             self.restore(os.path.join(cfg.out, "ckpt.pt"))
         wrapped = self.model
         if world > 1:
-            for part in (self.model.student, self.model.teacher):
-                part.head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(part.head)
+            if device.type == "cuda":  # heads' batch norm over the global batch (CUDA only in torch)
+                for part in (self.model.student, self.model.teacher):
+                    part.head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(part.head)
             wrapped = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.step_fn = make_step_fn(wrapped, device, cfg.compile)
         self.images = self.train_set.images.to(device) if self.train_set.images is not None else None
@@ -261,16 +262,22 @@ class Trainer:
         self.model.load_state_dict(loaded.state_dict())
         self.opt.load_state_dict(ckpt["optimizer"])
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
-        if self.world == 1:
+        if self.world == 1:  # augmentation/corruption stream, and the global one (drop path)
             self.gen.set_state(ckpt["extra"]["generator"].cpu())
+            torch.set_rng_state(ckpt["extra"]["cpu_rng"].cpu())
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["extra"]["cuda_rng"].cpu(), self.device)
         else:  # one state per rank is not kept: a fresh, still seeded, stream per rank
             self.gen.manual_seed(self.cfg.seed + self.rank + 1_000_003 * self.step)
         print(f"resuming {self.cfg.out} at epoch {self.epoch}, step {self.step}")
 
     def save(self):
         if self.rank == 0:
+            rng = dict(generator=self.gen.get_state(), cpu_rng=torch.get_rng_state())
+            if self.device.type == "cuda":
+                rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             sit.save_checkpoint(os.path.join(self.cfg.out, "ckpt.pt"), self.cfg, self.model, self.opt,
-                                self.step, self.epoch, extra=dict(generator=self.gen.get_state()))
+                                self.step, self.epoch, extra=rng)
 
     def knn(self):
         """k-NN monitor (rank 0, labelled data only): print and log the teacher's k-NN top-1."""
