@@ -1,0 +1,354 @@
+"""Pictures of a SiT checkpoint: GMML reconstructions, the CLS token's attention, training curves.
+
+    python visualize.py runs/cifar10/ckpt.pt                    # -> runs/cifar10/reconstructions.png
+    python visualize.py runs/cifar10/ckpt.pt --images photos/   # the same on your own images
+    python visualize.py runs/cifar10/ckpt.pt --attention        # -> runs/cifar10/attention.png
+    python visualize.py runs/cifar10/ckpt.pt --curves           # -> runs/cifar10/curves.png (log.jsonl)
+
+Needs nothing but the checkpoint (it holds its Config) and the images; headless, seconds on a CPU.
+Figures are drawn on matplotlib's Figure directly, without pyplot: no display and no GUI backend is
+ever touched (the same effect as matplotlib.use("Agg")), and no global figure state is left behind.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+import data
+import sit
+
+CELL, GAP = 1.2, 0.03       # inches per image panel, and the white margin inside it
+LABEL, TOP, PAD = 1.15, 0.5, 0.08   # inches: left of the grid (row labels), above (title), right/below
+MIN_WIDTH = 5.6             # inches, so that the two-line title fits even for --n 1
+DPI = 100
+RECON_ROWS = {"original": "original", "corrupted": "corrupted", "reconstruction": "reconstruction",
+              "pasted": "recon. + visible"}   # key of reconstruction_rows -> row label
+LOSSES = ("loss", "loss_recons", "loss_contr")
+
+
+class LogError(ValueError):
+    """A training log that is missing or lacks the fields a curve needs (one-line message)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Model side: tensors only, so that tests can check them
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reconstruction_rows(model, cfg, x, generator):
+    """The rows of the reconstruction figure for normalised images x (B, 3, H, W).
+
+    Returns a dict of (B, 3, H, W) tensors in normalised space: original (x), corrupted (GMML with
+    cfg's drop settings, drawn from `generator`), reconstruction (the student decoder's output from
+    the corrupted images), pasted (the reconstruction in the corrupted pixels, x elsewhere); and
+    mask (B, 1, H, W), True = corrupted. Calls the student directly (not SiT.forward, whose
+    projection heads need two stacked views and batch statistics).
+    """
+    B, C, H, W = x.shape
+    corrupted, mask = sit.gmml_corrupt(x, cfg.drop_perc, cfg.drop_replace, cfg.drop_align,
+                                       cfg.drop_type, cfg.max_block, generator)
+    tokens = model.student.backbone(corrupted)                      # (B, 1 + N, D)
+    recon = model.student.decoder(tokens[:, 1:], H, W)              # (B, C, H, W)
+    return dict(original=x, corrupted=corrupted, reconstruction=recon,
+                pasted=torch.where(mask, recon, x), mask=mask)
+
+
+@torch.no_grad()
+def attention_maps(backbone, x):
+    """CLS-to-patch attention of the last block, (B, h, H, W), nearest-upsampled to the image.
+
+    Row 0 (the CLS query) of the weights (B, h, 1 + N, 1 + N), columns 1: (the N patches).
+    """
+    B, C, H, W = x.shape
+    P = backbone.patch_size
+    attn = backbone.last_attention(x)[:, :, 0, 1:]                  # (B, h, N)
+    attn = attn.reshape(B, -1, H // P, W // P)                      # (B, h, H/P, W/P)
+    return F.interpolate(attn, scale_factor=P, mode="nearest")      # (B, h, H, W)
+
+
+def pick_device(name):
+    """auto: cuda, then mps, then cpu; a named device must be available."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; choose from auto, cuda, mps, cpu") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if not available.get(device.type, lambda: True)():
+        raise ValueError(f"--device {name}: not available on this machine")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# Images: the checkpoint's test split, another dataset, or a folder of the user's own
+# ------------------------------------------------------------------------------------------------
+
+def train_stats(cfg):
+    """(mean, std) the checkpoint's model was trained with: data.STATS, or ImageNet's for folders,
+    flowers102 and pets (as data.load gives them)."""
+    return data.STATS.get(cfg.dataset, data.IMAGENET_STATS)
+
+
+def folder_images(folder, n, size):
+    """The first n readable images under `folder` (sorted paths), uint8 (n, 3, size, size).
+
+    data.find_images + data.decode_files, the pieces of data.load(folder): it would decode every
+    image of the folder to show eight of them.
+    """
+    if not os.path.isdir(folder):
+        raise data.DataError(f"no such folder: {folder}")
+    paths = data.find_images(folder)
+    if not paths:
+        raise data.DataError(f"no images ({', '.join(data.IMAGE_EXTS)}) found under {folder}")
+    images = data.decode_files([(p, -1) for p in paths[:n]], size, 0, workers=0).images
+    if not len(images):
+        raise data.DataError(f"none of the first {min(n, len(paths))} image files under {folder} could be read")
+    return images
+
+
+def load_images(args, cfg):
+    """uint8 images (n, C, S, S), C = 1 or 3, and a name for the title.
+
+    Whatever the source, images are later normalised with the *training* statistics (train_stats):
+    the weights expect inputs normalised that way, and denormalising with the same numbers gives
+    the reconstruction's true colours back. A folder's own statistics (data.load gives ImageNet's
+    for any folder) would feed the model inputs it never saw.
+    """
+    if args.images:
+        return folder_images(args.images, args.n, cfg.img_size), args.images
+    name, data_dir = args.dataset or cfg.dataset, args.data_dir or cfg.data_dir
+    if name not in data.DATASETS and os.path.isdir(name):           # trained on a folder
+        return folder_images(name, args.n, cfg.img_size), name
+    try:
+        d = data.load(name, data_dir, train=False, size=cfg.img_size)
+    except data.DataError:
+        raise
+    except Exception as e:  # a download that cannot happen (no network), a damaged archive, ...
+        raise data.DataError(f"cannot load the {name} test split from {data_dir} ({type(e).__name__}: "
+                             f"{first_line(e)}); try --data-dir or --images DIR") from None
+    return d.images[:args.n], f"{name} test"
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures: a grid of image panels with row labels, and the training curves
+# ------------------------------------------------------------------------------------------------
+
+def to_rgb(x, mean, std):
+    """Normalised (B, 3, H, W) -> numpy (B, H, W, 3) in [0, 1]; gray data has 3 equal channels."""
+    return data.denormalize(x.float(), mean, std).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid_inches(rows, cols):
+    """(width, height) in inches of a figure of rows x cols image panels, labels and title."""
+    return max(MIN_WIDTH, LABEL + cols * CELL + PAD), TOP + rows * CELL + PAD
+
+
+def image_grid(labels, cols, title):
+    """A Figure and its len(labels) x cols axes (nested lists), row labels on the left."""
+    W, H = grid_inches(len(labels), cols)
+    fig = Figure(figsize=(W, H), dpi=DPI)
+    x0 = LABEL + (W - LABEL - PAD - cols * CELL) / 2               # centred when the title is wider
+    axes = []
+    for r, label in enumerate(labels):
+        row = [fig.add_axes(((x0 + c * CELL + GAP) / W, (H - TOP - (r + 1) * CELL + GAP) / H,
+                             (CELL - 2 * GAP) / W, (CELL - 2 * GAP) / H)) for c in range(cols)]
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+        row[0].set_ylabel(label, fontsize=9)
+        axes.append(row)
+    fig.text(0.5, 1 - 0.06 / H, title, ha="center", va="top", fontsize=8, linespacing=1.4)
+    return fig, axes
+
+
+def reconstruction_figure(rows, mean, std, title):
+    fig, axes = image_grid(list(RECON_ROWS.values()), len(rows["original"]), title)
+    for ax_row, key in zip(axes, RECON_ROWS):
+        for ax, img in zip(ax_row, to_rgb(rows[key], mean, std)):
+            ax.imshow(img, interpolation="nearest")
+    return fig
+
+
+def attention_figure(x, maps, mean, std, title):
+    """Images, then the mean over heads and each head overlaid; every map scaled to its min..max."""
+    B, h = maps.shape[:2]
+    layers = [None, maps.mean(1)] + [maps[:, i] for i in range(h)]  # each (B, H, W)
+    labels = ["image", "mean of heads"] + [f"head {i + 1}" for i in range(h)]
+    fig, axes = image_grid(labels, B, title)
+    images = to_rgb(x, mean, std)
+    luma = images @ np.array([0.299, 0.587, 0.114])                 # (B, H, W): gray under the maps
+    for ax_row, layer in zip(axes, layers):
+        for b, ax in enumerate(ax_row):
+            if layer is None:
+                ax.imshow(images[b], interpolation="nearest")
+                continue
+            a = layer[b] - layer[b].min()
+            ax.imshow(luma[b], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow((a / a.max().clamp(min=1e-12)).cpu().numpy(), cmap="inferno", alpha=0.6,
+                      vmin=0, vmax=1, interpolation="nearest")
+    return fig
+
+
+def read_log(path):
+    """The 'step' and 'epoch' records of a log.jsonl, each sorted by step (the last line of a step
+    wins, as after a resume). Lines that are not JSON objects, such as one being written, are skipped."""
+    if not os.path.isfile(path):
+        raise LogError(f"no training log at {path} (train.py writes log.jsonl next to ckpt.pt; or --log FILE)")
+    records = {"step": {}, "epoch": {}}
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and r.get("kind") in records and isinstance(r.get("step"), (int, float)):
+                records[r["kind"]][r["step"]] = r
+    return [sorted(records[k].values(), key=lambda r: r["step"]) for k in ("step", "epoch")]
+
+
+def with_keys(records, keys):
+    """The records in which every key holds a number."""
+    return [r for r in records if all(isinstance(r.get(k), (int, float)) for k in keys)]
+
+
+def add_epoch_axis(ax, epochs):
+    """A top axis in epochs, piecewise linear in the (step, epoch) pairs of the epoch lines.
+
+    Both ends are extended along their last segment: a clamped map would squeeze the axis limits.
+    """
+    pts = sorted({(r["step"], r["epoch"]) for r in with_keys(epochs, ["epoch"])})
+    if len(pts) < 2:
+        return
+    s, e = np.array(pts, dtype=float).T                              # (M,) steps and epochs
+    if not ((np.diff(s) > 0).all() and (np.diff(e) > 0).all()):
+        return
+    far = 1e9 * (s[-1] - s[0])                                      # steps beyond either end
+    first, last = (e[1] - e[0]) / (s[1] - s[0]), (e[-1] - e[-2]) / (s[-1] - s[-2])  # epochs/step
+    s = np.concatenate([[s[0] - far], s, [s[-1] + far]])
+    e = np.concatenate([[e[0] - far * first], e, [e[-1] + far * last]])
+    top = ax.secondary_xaxis("top", functions=(lambda v: np.interp(v, s, e), lambda v: np.interp(v, e, s)))
+    top.set_xlabel("epoch", fontsize=8)
+    top.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top.tick_params(labelsize=7)
+
+
+def curves_figure(steps, epochs, path):
+    """Three panels against the step: the loss and its parts, the learning rate, k-NN top-1.
+
+    steps, epochs: the records of read_log(path); per-epoch losses stand in when no step has them.
+    """
+    train = with_keys(steps, ("step",) + LOSSES + ("lr",)) or with_keys(epochs, ("step",) + LOSSES + ("lr",))
+    if not train:
+        raise LogError(f"{path} has no 'step' or 'epoch' line with all of step, {', '.join(LOSSES)}, lr")
+    last = max(epochs + train, key=lambda r: r["step"])              # for the title
+    knn = with_keys(epochs, ("step", "knn"))
+    fig = Figure(figsize=(12, 3.5), dpi=DPI, layout="constrained")
+    ax_loss, ax_lr, ax_knn = fig.subplots(1, 3, sharex=True)
+    x = [r["step"] for r in train]
+    for key in LOSSES:
+        ax_loss.plot(x, [r[key] for r in train], label=key, lw=1.2)
+    ax_loss.legend(fontsize=8, frameon=False)
+    ax_lr.plot(x, [r["lr"] for r in train], color="tab:purple", lw=1.2)
+    ax_knn.plot([r["step"] for r in knn], [r["knn"] for r in knn], "o-", color="tab:green", ms=4)
+    if not knn:
+        ax_knn.text(0.5, 0.5, "no k-NN accuracy in the log", ha="center", va="center", transform=ax_knn.transAxes)
+    for ax, name in ((ax_loss, "loss  (loss = alpha loss_recons + loss_contr)"), (ax_lr, "learning rate"),
+                     (ax_knn, "k-NN top-1 (%)")):
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        add_epoch_axis(ax, epochs)
+    fig.suptitle(f"{path}  ·  step {last['step']}, epoch {last.get('epoch', '?')}", fontsize=9)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def run_name(path):
+    return os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+
+
+def image_figure(args):
+    """The reconstruction or attention figure of args.ckpt: (Figure, default file name)."""
+    if args.n < 1:
+        raise ValueError("--n must be at least 1")
+    device = pick_device(args.device)
+    cfg, model, ckpt = sit.load_checkpoint(args.ckpt)                # on the CPU, then moved
+    model.to(device).eval()
+    cfg = dataclasses.replace(cfg, drop_perc=cfg.drop_perc if args.drop_perc is None else args.drop_perc,
+                              drop_type=args.drop_type or cfg.drop_type)  # re-validated by Config
+    images, source = load_images(args, cfg)
+    mean, std = train_stats(cfg)
+    x = data.prepare(images.to(device), cfg.img_size, mean, std)    # (n, 3, S, S)
+    head = f"{run_name(args.ckpt)}  ·  epoch {ckpt['epoch']}/{cfg.epochs}  ·  {source}  ·  {cfg.img_size} px"
+    if args.attention:
+        maps = attention_maps(model.teacher.backbone, x)
+        title = f"{head}\nCLS-to-patch attention, teacher's last block, {cfg.heads} heads; each map scaled min..max"
+        return attention_figure(x, maps, mean, std, title), "attention.png"
+    rows = reconstruction_rows(model, cfg, x, torch.Generator(device=device).manual_seed(args.seed))
+    title = (f"{head}\nGMML {cfg.drop_type}: drop_perc {cfg.drop_perc:g}, drop_replace {cfg.drop_replace:g}, "
+             f"align {cfg.drop_align} px, max_block {cfg.max_block:g}, seed {args.seed}")
+    return reconstruction_figure(rows, mean, std, title), "reconstructions.png"
+
+
+def make_figure(args):
+    """Draw the figure asked for and write it; returns its path."""
+    folder = os.path.dirname(args.ckpt) or "."
+    if args.curves:                                                  # the checkpoint is not read
+        log = args.log or os.path.join(folder, "log.jsonl")
+        fig, name = curves_figure(*read_log(log), log), "curves.png"
+    else:
+        fig, name = image_figure(args)
+    out = args.out or os.path.join(folder, name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="visualize.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt", help="checkpoint written by train.py (holds its Config)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--attention", action="store_true", help="CLS attention maps instead of reconstructions")
+    what.add_argument("--curves", action="store_true", help="training curves from the run's log.jsonl")
+    p.add_argument("--n", type=int, default=8, help="number of images (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the GMML corruption (default: 0)")
+    p.add_argument("--drop-perc", type=float, help="override the checkpoint's drop_perc (share corrupted, 0..1)")
+    p.add_argument("--drop-type", choices=("noise", "zeros"), help="override the checkpoint's drop_type")
+    p.add_argument("--dataset", help="test split of this dataset instead of the checkpoint's")
+    p.add_argument("--data-dir", help="where datasets are read/downloaded (default: the checkpoint's)")
+    p.add_argument("--images", metavar="DIR", help="your own images (resized and centre-cropped to img_size)")
+    p.add_argument("--log", metavar="FILE", help="training log for --curves (default: <ckpt folder>/log.jsonl)")
+    p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu (default: auto: cuda, then mps, then cpu)")
+    p.add_argument("--out", help="PNG path (default: <ckpt folder>/reconstructions.png, attention.png, curves.png)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        out = make_figure(args)
+    except (sit.CheckpointError, data.DataError, LogError, ValueError, OSError) as e:
+        print(f"visualize.py: error: {first_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
