@@ -1,16 +1,50 @@
 """Evaluate a SiT checkpoint's encoder: k-NN, linear probe, few-shot and fine-tuning.
 
-Usage: python eval.py runs/cifar10/ckpt.pt --mode knn|linear|fewshot|finetune
+Atito, Awais, Kittler, "SiT: Self-supervised vIsion Transformer", arXiv 2104.03602: the paper
+reports full fine-tuning (DeiT recipe), linear probes on frozen features and few-shot accuracy;
+k-NN on frozen CLS features (weighted vote, k = 20, T = 0.07, as in DINO) is the cheap monitor.
+
+Usage: python eval.py runs/cifar10/ckpt.pt --mode knn|linear|fewshot|finetune [--random-init]
+Each run prints a short table and appends one JSON line to --results (default: results.jsonl
+beside the checkpoint). Shapes: N images, D token width, F feature width (D, or 2D with
+--mean-patch), C classes, B batch.
 """
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import sit
 
+MODES = ("knn", "linear", "fewshot", "finetune")
+WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # linear probe grid: lambda of lambda/2 |W|^2
+VAL_SHARE = 0.1                                        # share of train held out to choose lambda
+
+
+class EvalError(ValueError):
+    """A request that cannot be met (device not available, too few images per class or per batch)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen features and k-NN (train.py's monitor uses these two)
+# ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def features(backbone, images, size, mean, std, batch_size=512):
-    """CLS features (N, D), float32, of uint8 images (N, C, S, S) on the backbone's device."""
+def features(backbone, images, size, mean, std, batch_size=512, mean_patch=False):
+    """CLS features (N, D), float32, of uint8 images (N, C, S, S) on the backbone's device.
+
+    mean_patch: append the mean of the patch tokens, giving (N, 2D).
+    """
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -18,7 +52,9 @@ def features(backbone, images, size, mean, std, batch_size=512):
     for i in range(0, len(images), batch_size):
         x = data.prepare(images[i:i + batch_size].to(device), size, mean, std)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(backbone(x)[:, 0].float())
+            tokens = backbone(x)                                      # (B, 1 + N, D)
+        f = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1) if mean_patch else tokens[:, 0]
+        out.append(f.float())
     backbone.train(was_training)
     return torch.cat(out)
 
@@ -42,3 +78,392 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
         votes.scatter_add_(1, train_labels[idx], (top / T).exp())
         correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
     return 100.0 * correct / len(test_feats)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear probe and few-shot: multinomial logistic regression on frozen, standardised features
+# ------------------------------------------------------------------------------------------------
+
+def standardize(train, *others):
+    """Shift and scale every feature to mean 0, std 1 on `train` (N, F); the same map for `others`."""
+    mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def fit_linear(x, y, num_classes, weight_decay, steps=500):
+    """Linear classifier (F -> C) minimising CE(x W^T + b, y) + weight_decay/2 |W|^2, full-batch L-BFGS.
+
+    x (N, F) and y (N,) on the device; starts from zero, so the fit is deterministic. `steps` caps
+    the L-BFGS iterations (strong-Wolfe line search; it stops earlier once converged).
+    """
+    head = nn.Linear(x.shape[1], num_classes).to(x.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(x), y) + weight_decay / 2 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return head.requires_grad_(False)
+
+
+def top1(head, x, y):
+    """Top-1 (%) of a classifier on features x (N, F) with labels y (N,)."""
+    with torch.no_grad():
+        return 100.0 * (head(x).argmax(1) == y).float().mean().item()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=0, grid=WEIGHT_DECAYS, steps=500):
+    """Top-1 (%) on test of a linear probe, and its details.
+
+    The weight decay is the grid value with the best top-1 on a held-out VAL_SHARE of train; the
+    probe is then refitted on all of train. Features (N, F) are standardised with train statistics.
+    """
+    train_x, test_x = standardize(train_x, test_x)
+    perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
+    n_val = max(1, int(VAL_SHARE * len(train_x)))
+    val, fit = perm[:n_val], perm[n_val:]
+    val_acc = {wd: top1(fit_linear(train_x[fit], train_y[fit], num_classes, wd, steps), train_x[val],
+                        train_y[val]) for wd in grid}
+    best = max(grid, key=lambda wd: (val_acc[wd], wd))                # ties: the stronger decay
+    acc = top1(fit_linear(train_x, train_y, num_classes, best, steps), test_x, test_y)
+    return acc, dict(weight_decay=best, val_accuracy={f"{wd:g}": round(a, 2) for wd, a in val_acc.items()})
+
+
+def fewshot_indices(labels, num_classes, shots, seed):
+    """Indices (num_classes * shots,) of `shots` images per class, drawn without replacement by `seed`."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    shuffled = labels.cpu()[perm]
+    picks = []
+    for c in range(num_classes):
+        mine = perm[shuffled == c][:shots]
+        if len(mine) < shots:
+            raise EvalError(f"class {c} has {len(mine)} training images, fewer than {shots} shots")
+        picks.append(mine)
+    return torch.cat(picks)
+
+
+def fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seeds, weight_decay, steps=500):
+    """{K: top-1 (%) per seed} of linear classifiers fitted on K labelled images per class.
+
+    Standardisation uses all training features (no labels); the classifier sees only the K-shot draw.
+    The weight decay is fixed: with one image per class there is nothing to hold out.
+    """
+    train_x, test_x = standardize(train_x, test_x)
+    runs = {}
+    for K in shots:
+        runs[K] = []
+        for seed in seeds:
+            idx = fewshot_indices(train_y, num_classes, K, seed).to(train_x.device)
+            head = fit_linear(train_x[idx], train_y[idx], num_classes, weight_decay, steps)
+            runs[K].append(top1(head, test_x, test_y))
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning: the whole encoder plus a linear head on CLS, DeiT-style augmentation and schedule
+# ------------------------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """ViT encoder + linear head on its CLS token: images (B, 3, H, W) -> logits (B, C)."""
+
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.cls_token.shape[-1], num_classes)
+        sit.init_weights(self.head)
+
+    def forward(self, x):
+        return self.head(self.backbone(x)[:, 0])
+
+
+def param_groups(model, weight_decay, layer_decay):
+    """AdamW groups; lr scale layer_decay^(L + 1 - layer), layer 0 = embeddings, L + 1 = norm and head.
+
+    No weight decay on biases, norm weights, the CLS token and the position embedding (as DeiT).
+    """
+    L = len(model.backbone.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        elif name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed")):
+            layer = 0
+        else:
+            layer = L + 1
+        decay = p.ndim > 1 and not name.endswith(("cls_token", "pos_embed"))
+        g = groups.setdefault((layer, decay), dict(params=[], weight_decay=weight_decay if decay else 0.0,
+                                                   lr_scale=layer_decay ** (L + 1 - layer)))
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def mix(x, targets, mixup, cutmix, rng):
+    """Mixup or CutMix of images x (B, 3, H, W) and soft targets (B, C) with the reversed batch.
+
+    One lambda ~ Beta(alpha, alpha) per batch; when both are on, each batch picks one with p 1/2
+    (timm's Mixup, as in the DeiT recipe). rng: a numpy Generator (host draws, no device sync).
+    """
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    if alpha <= 0:
+        return x, targets
+    lam = float(rng.beta(alpha, alpha))
+    if use_cutmix:                                                    # a box of area share 1 - lam
+        H, W = x.shape[-2:]
+        h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(H)), int(rng.integers(W))
+        top, bottom = max(cy - h // 2, 0), min(cy + h - h // 2, H)
+        left, right = max(cx - w // 2, 0), min(cx + w - w // 2, W)
+        x = x.clone()
+        x[:, :, top:bottom, left:right] = x.flip(0)[:, :, top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (H * W)           # the box as clipped
+    else:
+        x = lam * x + (1 - lam) * x.flip(0)
+    return x, lam * targets + (1 - lam) * targets.flip(0)
+
+
+def finetune_epoch(model, opt, images, labels, test, stats, args, epoch, generator, rng):
+    """One epoch over uint8 images (N, C, S, S) on the device; returns (mean loss, test top-1 %)."""
+    model.train()
+    size, (mean, std), C = args.img_size, stats, model.head.out_features
+    steps = len(images) // args.batch_size
+    order = data.epoch_order(len(images), epoch, args.seed).to(images.device)
+    total = torch.zeros((), device=images.device)
+    for s in range(steps):
+        lr = sit.lr_at(epoch * steps + s, args, steps)                # warm-up, then cosine
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        idx = order[s * args.batch_size:(s + 1) * args.batch_size]
+        x = data.normalize(data.random_resized_crop(data.to_unit(images[idx]), size, generator), mean, std)
+        t = F.one_hot(labels[idx], C).float() * (1 - args.smoothing) + args.smoothing / C
+        x, t = mix(x, t, args.mixup, args.cutmix, rng)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), t)                     # soft targets
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach()
+    with torch.no_grad():
+        logits = model.head(features(model.backbone, test.images, size, mean, std))
+    acc = 100.0 * (logits.argmax(1).cpu() == test.labels).float().mean().item()
+    return total.item() / max(steps, 1), acc
+
+
+def save_atomic(state, path):
+    """torch.save `state` (plain types) so that `path` appears whole or not at all."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# The four modes: each returns dict(accuracy=..., **details)
+# ------------------------------------------------------------------------------------------------
+
+def frozen(args, backbone, train, test):
+    """Frozen features, computed once: (train_x (N, F), train_y (N,), test_x, test_y) on the device."""
+    xs = [features(backbone, d.images, args.img_size, train.mean, train.std, mean_patch=args.mean_patch)
+          for d in (train, test)]
+    return xs[0], train.labels.to(xs[0].device), xs[1], test.labels.to(xs[0].device)
+
+
+def run_knn(args, backbone, train, test):
+    acc = knn_accuracy(*frozen(args, backbone, train, test), train.num_classes, k=args.k)
+    return dict(accuracy=acc, k=args.k, T=0.07, mean_patch=args.mean_patch)
+
+
+def run_linear(args, backbone, train, test):
+    acc, details = linear_probe(*frozen(args, backbone, train, test), train.num_classes, args.seed,
+                                steps=args.probe_steps)
+    return dict(accuracy=acc, mean_patch=args.mean_patch, probe_steps=args.probe_steps, **details)
+
+
+def run_fewshot(args, backbone, train, test):
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs = fewshot(*frozen(args, backbone, train, test), train.num_classes, args.shots, seeds,
+                   args.fewshot_wd, args.probe_steps)
+    return dict(accuracy={str(K): statistics.mean(r) for K, r in runs.items()},
+                std={str(K): statistics.stdev(r) if len(r) > 1 else 0.0 for K, r in runs.items()},
+                runs={str(K): r for K, r in runs.items()}, seeds=seeds, weight_decay=args.fewshot_wd,
+                mean_patch=args.mean_patch, probe_steps=args.probe_steps)
+
+
+def run_finetune(args, backbone, train, test):
+    """Fine-tune; saves finetuned.pt (state dict + config, plain types) beside the results file."""
+    model = Classifier(backbone, train.num_classes).to(next(backbone.parameters()).device)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay), lr=0.0)
+    images, labels = train.images.to(model.head.weight.device), train.labels.to(model.head.weight.device)
+    if len(images) < args.batch_size:
+        raise EvalError(f"--batch-size {args.batch_size} exceeds the {len(images)} training images")
+    generator = torch.Generator(images.device).manual_seed(args.seed)
+    rng, accs = np.random.default_rng(args.seed), []
+    print(f"{'epoch':>7} {'loss':>7} {'top-1':>7} {'best':>7} {'seconds':>8}")
+    start = time.time()
+    for epoch in range(args.epochs):
+        loss, acc = finetune_epoch(model, opt, images, labels, test, (train.mean, train.std), args,
+                                   epoch, generator, rng)
+        accs.append(acc)
+        print(f"{epoch + 1:>7} {loss:>7.4f} {acc:>7.2f} {max(accs):>7.2f} {time.time() - start:>8.1f}")
+    path = os.path.join(os.path.dirname(os.path.abspath(args.results)), "finetuned.pt")
+    save_atomic(dict(format="sit-finetuned-v1", config=args.cfg.to_dict(), dataset=args.dataset,
+                     num_classes=train.num_classes, model={k: v.cpu() for k, v in model.state_dict().items()},
+                     epoch=args.epochs, accuracy=accs[-1], best=max(accs), torch_version=str(torch.__version__)),
+                path)
+    return dict(accuracy=accs[-1], best=max(accs), per_epoch=accs,
+                finetune_epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                weight_decay=args.weight_decay, layer_decay=args.layer_decay, drop_path=args.drop_path,
+                mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, finetuned=path)
+
+
+RUNS = dict(knn=run_knn, linear=run_linear, fewshot=run_fewshot, finetune=run_finetune)
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def pick_device(name):
+    """--device auto: cuda, then mps, then cpu; an explicit device must be available."""
+    has = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if has[d])
+    if not has[name]:
+        raise EvalError(f"--device {name} is not available on this machine")
+    return torch.device(name)
+
+
+def load_encoder(args, device):
+    """(cfg, ViT, pretraining epochs): the checkpoint's TEACHER backbone, or a fresh one (--random-init).
+
+    As DINO and MoCo do, the pretrained encoder is the momentum teacher (an EMA of the student, so
+    a smoothed, usually slightly better one). Fine-tuning adds stochastic depth (--drop-path).
+    """
+    cfg, model, ckpt = sit.load_checkpoint(args.checkpoint, device)
+    drop = args.drop_path if args.mode == "finetune" else 0.0
+    torch.manual_seed(args.seed)
+    vit = sit.ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.depth, cfg.heads,
+                  cfg.mlp_ratio, drop).to(device)
+    if not args.random_init:
+        vit.load_state_dict(model.teacher.backbone.state_dict())
+    return cfg, vit, 0 if args.random_init else int(ckpt.get("epoch", 0))
+
+
+def load_labelled(args, train):
+    """The labelled train or test split of args.dataset; DataError if it has no labels."""
+    d = data.load(args.dataset, args.data_dir, train=train, limit=args.limit, size=args.img_size)
+    if d.labels is None or not d.num_classes:
+        raise data.DataError(f"dataset {args.dataset!r} has no labels ({'train' if train else 'test'} "
+                             f"split); --mode {args.mode} needs a labelled dataset")
+    return d
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                                         # one line, no usage block
+        sys.exit(f"{self.prog}: error: {message}")
+
+
+def parse_args(argv):
+    p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a ckpt.pt written by train.py")
+    p.add_argument("--mode", required=True, choices=MODES, help="which evaluation")
+    p.add_argument("--random-init", action="store_true", help="a fresh encoder of the same config (baseline)")
+    p.add_argument("--dataset", help="evaluate on this dataset; None = the checkpoint's")
+    p.add_argument("--data-dir", help="where datasets live; None = the checkpoint's")
+    p.add_argument("--limit", type=int, default=0, help="first N images of each split; 0 = all")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                   help="auto: cuda, then mps, then cpu")
+    p.add_argument("--seed", type=int, default=0, help="random seed (first seed of few-shot draws)")
+    p.add_argument("--results", help="JSON-lines file to append to; None = results.jsonl beside the checkpoint")
+    p.add_argument("--k", type=int, default=20, help="k-NN: neighbours")
+    p.add_argument("--mean-patch", action="store_true", help="frozen features: CLS + mean patch token")
+    p.add_argument("--probe-steps", type=int, default=500, help="linear/fewshot: most L-BFGS iterations per fit")
+    p.add_argument("--shots", default="1,5,10,25", help="fewshot: K labelled images per class, comma-separated")
+    p.add_argument("--seeds", type=int, default=5, help="fewshot: draws per K")
+    p.add_argument("--fewshot-wd", type=float, default=1e-2, help="fewshot: L2 weight on the classifier")
+    p.add_argument("--epochs", type=int, default=100, help="finetune: epochs")
+    p.add_argument("--batch-size", type=int, default=256, help="finetune: images per step")
+    p.add_argument("--lr", type=float, default=5e-4, help="finetune: peak lr per 256 images")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="finetune: lr at the end of the cosine")
+    p.add_argument("--warmup-epochs", type=float, default=5, help="finetune: linear warm-up epochs")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="finetune: AdamW weight decay")
+    p.add_argument("--layer-decay", type=float, help="finetune: lr x decay^(depth from the top); "
+                   "1 = off; None = 0.75, or 1.0 with --random-init")
+    p.add_argument("--drop-path", type=float, default=0.1, help="finetune: stochastic depth at the last block")
+    p.add_argument("--mixup", type=float, default=0.0, help="finetune: mixup alpha; 0 = off (DeiT: 0.8)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="finetune: cutmix alpha; 0 = off (DeiT: 1.0)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="finetune: label smoothing")
+    args = p.parse_args(argv)
+    try:
+        args.shots = [int(s) for s in args.shots.split(",")]
+    except ValueError:
+        p.error(f"--shots must be comma-separated integers, got {args.shots!r}")
+    if args.layer_decay is None:   # a random encoder has no pretrained lower layers to protect
+        args.layer_decay = 1.0 if args.random_init else 0.75
+    args.results = args.results or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results.jsonl")
+    return args
+
+
+def print_table(r):
+    print(f"\n{r['mode']} on {r['dataset']}, {'random init' if r['random_init'] else 'pretrained'} encoder "
+          f"(epoch {r['epochs']}), {r['device']}, {r['seconds']:.1f} s")
+    if r["mode"] == "fewshot":
+        print(f"{'K':>4}  top-1 (mean +- std over {len(r['seeds'])} seeds)")
+        for K, acc in r["accuracy"].items():
+            print(f"{K:>4}  {acc:6.2f} +- {r['std'][K]:.2f}")
+    elif r["mode"] == "finetune":
+        print(f"top-1  last {r['accuracy']:.2f}  best {r['best']:.2f}")
+    else:
+        print(f"top-1  {r['accuracy']:.2f}")
+
+
+def evaluate(args):
+    """Run one mode and return its results record (the JSON line).
+
+    `epochs` there is the encoder's pretraining epochs (0 with --random-init); fine-tuning's own
+    count is `finetune_epochs`.
+    """
+    start = time.time()
+    device = pick_device(args.device)
+    cfg, backbone, epochs = load_encoder(args, device)
+    args.cfg, args.img_size = cfg, cfg.img_size
+    args.dataset, args.data_dir = args.dataset or cfg.dataset, args.data_dir or cfg.data_dir
+    train, test = load_labelled(args, True), load_labelled(args, False)
+    out = RUNS[args.mode](args, backbone, train, test)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return dict(dict(mode=args.mode, dataset=args.dataset, epochs=epochs, seeds=[args.seed]), **out,
+                device=name, seconds=round(time.time() - start, 2), checkpoint=os.path.abspath(args.checkpoint),
+                random_init=args.random_init, limit=args.limit, n_train=len(train), n_test=len(test))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        record = evaluate(args)
+    except (sit.CheckpointError, data.DataError, EvalError) as e:
+        sys.exit(f"eval.py: error: {e}")
+    print_table(record)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(args.results, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
