@@ -15,7 +15,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -257,22 +256,6 @@ def finetune_epoch(model, opt, images, labels, test, stats, args, epoch, generat
     return total.item() / max(steps, 1), acc
 
 
-def save_atomic(state, path):
-    """torch.save `state` (plain types) so that `path` appears whole or not at all."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
 # ------------------------------------------------------------------------------------------------
 # The four modes: each returns dict(accuracy=..., **details)
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +305,7 @@ def run_finetune(args, backbone, train, test):
         accs.append(acc)
         print(f"{epoch + 1:>7} {loss:>7.4f} {acc:>7.2f} {max(accs):>7.2f} {time.time() - start:>8.1f}")
     path = os.path.join(os.path.dirname(os.path.abspath(args.results)), "finetuned.pt")
-    save_atomic(dict(format="sit-finetuned-v1", config=args.cfg.to_dict(), dataset=args.dataset,
+    sit.atomic_save(dict(format="sit-finetuned-v1", config=args.cfg.to_dict(), dataset=args.dataset,
                      num_classes=train.num_classes, model={k: v.cpu() for k, v in model.state_dict().items()},
                      epoch=args.epochs, accuracy=accs[-1], best=max(accs), torch_version=str(torch.__version__)),
                 path)
@@ -337,16 +320,6 @@ RUNS = dict(knn=run_knn, linear=run_linear, fewshot=run_fewshot, finetune=run_fi
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-
-def pick_device(name):
-    """--device auto: cuda, then mps, then cpu; an explicit device must be available."""
-    has = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
-    if name == "auto":
-        name = next(d for d in ("cuda", "mps", "cpu") if has[d])
-    if not has[name]:
-        raise EvalError(f"--device {name} is not available on this machine")
-    return torch.device(name)
-
 
 def load_encoder(args, device):
     """(cfg, ViT, pretraining epochs): the checkpoint's TEACHER backbone, or a fresh one (--random-init).
@@ -440,7 +413,10 @@ def evaluate(args):
     count is `finetune_epochs`.
     """
     start = time.time()
-    device = pick_device(args.device)
+    try:
+        device = sit.pick_device(args.device)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
     cfg, backbone, epochs = load_encoder(args, device)
     args.cfg, args.img_size = cfg, cfg.img_size
     args.dataset, args.data_dir = args.dataset or cfg.dataset, args.data_dir or cfg.data_dir

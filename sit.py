@@ -506,16 +506,21 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or not one of ours (message fits on one line)."""
 
 
-def save_checkpoint(path, cfg, model, optimizer=None, step=0, epoch=0, extra=None):
-    """Write config, student, teacher, optimizer, step, epoch (+ `extra` plain data) to `path`.
+def pick_device(name="auto", index=0):
+    """--device: auto picks cuda, then mps, then cpu; a named device must be available here."""
+    has = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if has[d])
+    kind = name.split(":")[0]
+    if kind not in has:
+        raise ValueError(f"unknown --device {name!r}; choose from auto, cuda, mps, cpu")
+    if not has[kind]:
+        raise ValueError(f"--device {name} is not available on this machine (try --device cpu)")
+    return torch.device("cuda", index) if name == "cuda" else torch.device(name)
 
-    `model` is the plain SiT module (not a compiled or DDP wrapper), so keys carry no prefixes.
-    The file appears whole or not at all: temp file in the same folder, then rename.
-    """
-    state = dict(format="sit-checkpoint-v1", config=cfg.to_dict(), torch_version=str(torch.__version__),
-                 student=model.student.state_dict(), teacher=model.teacher.state_dict(),
-                 optimizer=optimizer.state_dict() if optimizer is not None else None,
-                 step=int(step), epoch=int(epoch), extra=extra or {})
+
+def atomic_save(state, path):
+    """torch.save `state` so that `path` appears whole or not at all: temp file, fsync, rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
@@ -529,6 +534,19 @@ def save_checkpoint(path, cfg, model, optimizer=None, step=0, epoch=0, extra=Non
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_checkpoint(path, cfg, model, optimizer=None, step=0, epoch=0, extra=None):
+    """Write config, student, teacher, optimizer, step, epoch (+ `extra` plain data) to `path`.
+
+    `model` is the plain SiT module (not a compiled or DDP wrapper), so keys carry no prefixes.
+    The file appears whole or not at all: temp file in the same folder, then rename.
+    """
+    state = dict(format="sit-checkpoint-v1", config=cfg.to_dict(), torch_version=str(torch.__version__),
+                 student=model.student.state_dict(), teacher=model.teacher.state_dict(),
+                 optimizer=optimizer.state_dict() if optimizer is not None else None,
+                 step=int(step), epoch=int(epoch), extra=extra or {})
+    atomic_save(state, path)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -12,9 +12,6 @@ import torch
 
 import sit
 
-# Tiny tensors: one intra-op thread is faster than two, and stays fast while the CPU is shared.
-torch.set_num_threads(1)
-
 TINY = dict(model="tiny", dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64,
             proj_dim=16)
 

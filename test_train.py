@@ -226,8 +226,9 @@ def test_pretraining_on_fashion_mnist_beats_random_init(tmp_path):
     code = run_main(["--dataset", "fashion-mnist", "--device", "cpu", "--model", "tiny", "--dim", "96",
                      "--depth", "3", "--heads", "3", "--img-size", "28", "--patch-size", "7",
                      "--proj-hidden", "512", "--proj-dim", "128", "--limit", "4096", "--batch-size", "128",
-                     "--epochs", "4", "--warmup-epochs", "0.5", "--lr", "2e-3", "--momentum-teacher", "0.99",
-                     "--knn-every", "0", "--log-every", "1000", "--seed", "0"], tmp_path)
+                     "--epochs", "12", "--warmup-epochs", "0.5", "--lr", "5e-3", "--alpha", "1",
+                     "--momentum-teacher", "0.9", "--knn-every", "0", "--log-every", "1000", "--seed", "0"],
+                    tmp_path)
     seconds = time.time() - t
     assert code == 0
     knn = [r["knn"] for r in read_log(tmp_path / "run") if "knn" in r]

@@ -44,23 +44,14 @@ def parse_args(argv=None):
         raise RunError(str(e)) from None
 
 
-def pick_device(name, local_rank=0):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        name = "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError("--device cuda asked for, but no CUDA GPU is available (try --device cpu)")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def init_distributed(cfg):
     """(rank, world, device): torchrun sets WORLD_SIZE; plain `python train.py` is one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = pick_device(cfg.device, local_rank)
+    try:
+        device = sit.pick_device(cfg.device, local_rank)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -422,34 +413,41 @@ def bench(cfg, device):
           f"augmentation + corruption {data_s * 1e3:.1f} ms ({100 * data_s / step_s:.0f}% of a step)")
 
 
+def setup(argv):
+    """Checked configuration, processes and run folder; every problem here is a RunError-like ValueError."""
+    cfg = parse_args(argv)
+    cfg.out = cfg.out or os.path.join("runs", os.path.basename(os.path.normpath(cfg.dataset)))
+    if cfg.epochs <= 0:
+        raise RunError(f"--epochs must be positive, got {cfg.epochs}")
+    if cfg.batch_size <= 0:
+        raise RunError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.resume:
+        check_run_folder(cfg)
+        saved = sit.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))[0]
+        # The run's own recipe; only where and how it runs may change.
+        keep = ("device", "compile", "resume", "knn_every", "log_every", "workers", "data_dir", "out")
+        cfg = sit.Config.from_dict({**saved.to_dict(), **{k: getattr(cfg, k) for k in keep}})
+    return cfg
+
+
 def main(argv=None):
     try:
-        cfg = parse_args(argv)
-        cfg.out = cfg.out or os.path.join("runs", os.path.basename(os.path.normpath(cfg.dataset)))
-        if cfg.epochs <= 0:
-            raise RunError(f"--epochs must be positive, got {cfg.epochs}")
-        if cfg.batch_size <= 0:
-            raise RunError(f"--batch-size must be positive, got {cfg.batch_size}")
-        if cfg.bench:
-            return bench(cfg, pick_device(cfg.device))
-        if cfg.resume:
-            check_run_folder(cfg)
-            saved = sit.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))[0]
-            # The run's own recipe; only where and how it runs may change.
-            keep = ("device", "compile", "resume", "knn_every", "log_every", "workers", "data_dir", "out")
-            cfg = sit.Config.from_dict({**saved.to_dict(), **{k: getattr(cfg, k) for k in keep}})
-        rank, world, device = init_distributed(cfg)
-        if rank == 0:
-            check_run_folder(cfg)
-        torch.set_float32_matmul_precision("high")
-        code = Trainer(cfg, rank, world, device).run()
-    except (RunError, sit.CheckpointError, data.DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        try:  # set-up: a mistake in the input is one line on stderr and exit code 2
+            cfg = setup(argv)
+            if cfg.bench:
+                return bench(cfg, sit.pick_device(cfg.device))
+            rank, world, device = init_distributed(cfg)
+            if rank == 0:
+                check_run_folder(cfg)
+            torch.set_float32_matmul_precision("high")
+            trainer = Trainer(cfg, rank, world, device)
+        except ValueError as e:  # RunError, DataError, CheckpointError, Config's and device checks
+            print(f"train.py: error: {e}", file=sys.stderr)
+            return 2
+        return trainer.run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return code
 
 
 if __name__ == "__main__":

@@ -73,20 +73,6 @@ def attention_maps(backbone, x):
     return F.interpolate(attn, scale_factor=P, mode="nearest")      # (B, h, H, W)
 
 
-def pick_device(name):
-    """auto: cuda, then mps, then cpu; a named device must be available."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}; choose from auto, cuda, mps, cpu") from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if not available.get(device.type, lambda: True)():
-        raise ValueError(f"--device {name}: not available on this machine")
-    return device
-
-
 # ------------------------------------------------------------------------------------------------
 # Images: the checkpoint's test split, another dataset, or a folder of the user's own
 # ------------------------------------------------------------------------------------------------
@@ -288,7 +274,7 @@ def image_figure(args):
     """The reconstruction or attention figure of args.ckpt: (Figure, default file name)."""
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    device = pick_device(args.device)
+    device = sit.pick_device(args.device)
     cfg, model, ckpt = sit.load_checkpoint(args.ckpt)                # on the CPU, then moved
     model.to(device).eval()
     cfg = dataclasses.replace(cfg, drop_perc=cfg.drop_perc if args.drop_perc is None else args.drop_perc,
