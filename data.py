@@ -5,6 +5,7 @@ device by the caller) plus labels where the dataset has them. Folders of large i
 not fit are streamed instead through a DataLoader with workers (`ImageData.files`). Either way the
 two augmented views (PAPER.md, "Views") are made on the device, batched, from a seeded generator.
 """
+import functools
 import gzip
 import math
 import os
@@ -251,15 +252,19 @@ def to_unit(x):
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+@functools.lru_cache(maxsize=64)
+def constant(values, device):
+    """A small constant tensor made once per device: no host-to-device copy in the training step."""
+    return torch.tensor(values, device=device)
+
+
 def normalize(x, mean, std):
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m, s = constant(tuple(mean), x.device).view(1, -1, 1, 1), constant(tuple(std), x.device).view(1, -1, 1, 1)
     return (x - m) / s
 
 
 def denormalize(x, mean, std):
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m, s = constant(tuple(mean), x.device).view(1, -1, 1, 1), constant(tuple(std), x.device).view(1, -1, 1, 1)
     return (x * s + m).clamp(0, 1)
 
 
@@ -300,6 +305,13 @@ def gray(x):
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
+@functools.lru_cache(maxsize=8)
+def yiq_matrices(device):
+    """RGB -> YIQ (NTSC) and its exact inverse, made once per device."""
+    to = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    return to.float().to(device), torch.linalg.inv(to).float().to(device)
+
+
 def color_jitter(x, generator, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     """Brightness, contrast, saturation and hue jitter, each image with probability p.
 
@@ -314,11 +326,11 @@ def color_jitter(x, generator, p=0.8, brightness=0.4, contrast=0.4, saturation=0
     x = ((x - gray(x).mean((2, 3), keepdim=True)) * factor(contrast) + gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
     x = ((x - gray(x)) * factor(saturation) + gray(x)).clamp(0, 1)
     angle = on.view(B) * rand(B, generator, dev, -hue, hue) * 2 * math.pi
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+    to_yiq, from_yiq = yiq_matrices(dev)
     c, s = angle.cos(), angle.sin()
     rot = torch.zeros(B, 3, 3, device=dev)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, c, -s, s, c
-    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq                     # (B, 3, 3)
+    m = from_yiq @ rot @ to_yiq                                     # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
 
 

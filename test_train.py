@@ -234,3 +234,18 @@ def test_pretraining_on_fashion_mnist_beats_random_init(tmp_path):
     knn = [r["knn"] for r in read_log(tmp_path / "run") if "knn" in r]
     print(f"k-NN {knn[0]:.2f}% at init -> {knn[-1]:.2f}% after pretraining, {seconds:.0f} s")
     assert knn[-1] >= knn[0] + 5
+
+
+def test_folder_streamed_through_dataloader(tmp_path, monkeypatch):
+    """A folder too large to hold is streamed each epoch by a DataLoader; training still runs."""
+    from PIL import Image
+    for i in range(40):
+        Image.new("RGB", (24, 20), (i * 6, 100, 255 - i * 6)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(data, "MEMORY_BUDGET", 0)
+    streamed = data.load(str(tmp_path), size=16)
+    assert streamed.images is None and len(streamed) == 40
+    code = run_main(TINY + ["--dataset", str(tmp_path), "--batch-size", "16", "--epochs", "1",
+                            "--workers", "0", "--log-every", "1"], tmp_path)
+    assert code == 0
+    steps = [r["step"] for r in read_log(tmp_path / "run") if r["kind"] == "step"]
+    assert steps == [1, 2]

@@ -35,8 +35,7 @@ class RunError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).")
     sit.Config.add_args(parser)
     try:
         return sit.Config.from_args(parser.parse_args(argv))
