@@ -262,8 +262,13 @@ def finetune_epoch(model, opt, images, labels, test, stats, args, epoch, generat
 
 def frozen(args, backbone, train, test):
     """Frozen features, computed once: (train_x (N, F), train_y (N,), test_x, test_y) on the device."""
-    xs = [features(backbone, d.images, args.img_size, train.mean, train.std, mean_patch=args.mean_patch)
-          for d in (train, test)]
+    if args.raw_pixels:  # the baseline without any encoder: normalised pixels, flattened
+        device = next(backbone.parameters()).device
+        xs = [torch.cat([data.prepare(d.images[i:i + 1024].to(device), args.img_size, train.mean, train.std)
+                         .flatten(1) for i in range(0, len(d), 1024)]) for d in (train, test)]
+    else:
+        xs = [features(backbone, d.images, args.img_size, train.mean, train.std, mean_patch=args.mean_patch)
+              for d in (train, test)]
     return xs[0], train.labels.to(xs[0].device), xs[1], test.labels.to(xs[0].device)
 
 
@@ -304,7 +309,8 @@ def run_finetune(args, backbone, train, test):
                                    epoch, generator, rng)
         accs.append(acc)
         print(f"{epoch + 1:>7} {loss:>7.4f} {acc:>7.2f} {max(accs):>7.2f} {time.time() - start:>8.1f}")
-    path = os.path.join(os.path.dirname(os.path.abspath(args.results)), "finetuned.pt")
+    name = "finetuned-random-init.pt" if args.random_init else "finetuned.pt"
+    path = os.path.join(os.path.dirname(os.path.abspath(args.results)), name)
     sit.atomic_save(dict(format="sit-finetuned-v1", config=args.cfg.to_dict(), dataset=args.dataset,
                      num_classes=train.num_classes, model={k: v.cpu() for k, v in model.state_dict().items()},
                      epoch=args.epochs, accuracy=accs[-1], best=max(accs), torch_version=str(torch.__version__)),
@@ -366,6 +372,7 @@ def parse_args(argv):
     p.add_argument("--results", help="JSON-lines file to append to; None = results.jsonl beside the checkpoint")
     p.add_argument("--k", type=int, default=20, help="k-NN: neighbours")
     p.add_argument("--mean-patch", action="store_true", help="frozen features: CLS + mean patch token")
+    p.add_argument("--raw-pixels", action="store_true", help="knn/linear/fewshot on normalised pixels, no encoder")
     p.add_argument("--probe-steps", type=int, default=500, help="linear/fewshot: most L-BFGS iterations per fit")
     p.add_argument("--shots", default="1,5,10,25", help="fewshot: K labelled images per class, comma-separated")
     p.add_argument("--seeds", type=int, default=5, help="fewshot: draws per K")
@@ -387,6 +394,8 @@ def parse_args(argv):
         args.shots = [int(s) for s in args.shots.split(",")]
     except ValueError:
         p.error(f"--shots must be comma-separated integers, got {args.shots!r}")
+    if args.raw_pixels and args.mode == "finetune":
+        p.error("--raw-pixels is a frozen-feature baseline (knn, linear, fewshot), not for finetune")
     if args.layer_decay is None:   # a random encoder has no pretrained lower layers to protect
         args.layer_decay = 1.0 if args.random_init else 0.75
     args.results = args.results or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results.jsonl")
@@ -425,7 +434,8 @@ def evaluate(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return dict(dict(mode=args.mode, dataset=args.dataset, epochs=epochs, seeds=[args.seed]), **out,
                 device=name, seconds=round(time.time() - start, 2), checkpoint=os.path.abspath(args.checkpoint),
-                random_init=args.random_init, limit=args.limit, n_train=len(train), n_test=len(test))
+                random_init=args.random_init, raw_pixels=args.raw_pixels, limit=args.limit,
+                n_train=len(train), n_test=len(test))
 
 
 def main(argv=None):

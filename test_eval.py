@@ -187,3 +187,11 @@ def test_command_line_error_exits_nonzero_without_traceback(tmp_path):
                        capture_output=True, text=True, cwd=HERE)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [f"eval.py: error: checkpoint not found: {tmp_path / 'none.pt'}"]
+
+
+def test_raw_pixel_knn_baseline(ckpt):
+    """--raw-pixels: the encoder-free baseline; a random encoder's features differ from pixels'."""
+    _, line = run(ckpt, "--mode", "knn", "--raw-pixels", "--limit", "400")
+    _, encoded = run(ckpt, "--mode", "knn", "--limit", "400")
+    assert line["raw_pixels"] is True and encoded["raw_pixels"] is False
+    assert 10 < line["accuracy"] <= 100 and line["accuracy"] != encoded["accuracy"]
