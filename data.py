@@ -234,7 +234,8 @@ def epoch_batches(data, images, batch_size, epoch, seed, start=0, rank=0, world=
             idx = order[s * batch_size + rank * local: s * batch_size + (rank + 1) * local]
             yield images[idx]
         return
-    idx = [order[s * batch_size + rank * local + j].item() for s in range(start, steps) for j in range(local)]
+    order = order.tolist()
+    idx = [order[s * batch_size + rank * local + j] for s in range(start, steps) for j in range(local)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data.files, idx), batch_size=local,
                                          num_workers=workers, collate_fn=collate_readable,
                                          pin_memory=torch.cuda.is_available(), persistent_workers=False)

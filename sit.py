@@ -157,9 +157,9 @@ def gmml_mask(share, H, W, align, max_block=0.3, generator=None, max_share=0.95)
     """Boolean mask (B, 1, H, W), True = corrupted, made of rectangles on an `align`-pixel grid.
 
     share: (B,) target share of pixels per image, at most `max_share` (a float, so that the number
-    of rectangles drawn is known without reading the device). Rectangles, each side up to `max_block` of the
-    image side, are added one after another until the share is reached, as in the reference code;
-    all images draw their rectangles at once (no loop over the batch).
+    of rectangles drawn is known without reading the device). Rectangles, each side up to
+    `max_block` of the image side, are added one after another until the share is reached, as in
+    the reference code; all images draw their rectangles at once (no loop over the batch).
     Differs from the reference code: block sizes are drawn in grid cells, so patch-aligned blocks
     (align = P) work at 32x32 instead of degenerating, and draws come from `generator`.
     """
@@ -167,7 +167,7 @@ def gmml_mask(share, H, W, align, max_block=0.3, generator=None, max_share=0.95)
     gh, gw = math.ceil(H / align), math.ceil(W / align)             # grid cells
     mh, mw = max(1, int(gh * max_block)), max(1, int(gw * max_block))  # largest block, cells
     # Enough rectangles that the union reaches the largest share in expectation, twice over.
-    mean_area = (mh + 1) * (mw + 1) / 4 / (gh * gw)
+    mean_area = min((mh + 1) * (mw + 1) / 4 / (gh * gw), 0.99)       # share of one block, on average
     K = min(250, max(8, 2 * math.ceil(math.log(1 - min(max_share, 0.95)) / math.log(1 - mean_area))))
     u = torch.rand(B, K, 4, generator=generator, device=device)
     bh = 1 + (u[..., 0] * mh).long()                                # (B, K) block height, cells
