@@ -249,3 +249,18 @@ def test_folder_streamed_through_dataloader(tmp_path, monkeypatch):
     assert code == 0
     steps = [r["step"] for r in read_log(tmp_path / "run") if r["kind"] == "step"]
     assert steps == [1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A loss that turns non-finite (here: an absurd lr from epoch 2 on) stops the run with one clear
+    line and leaves the epoch-1 checkpoint as it was."""
+    lr_at = sit.lr_at
+    monkeypatch.setattr(sit, "lr_at", lambda step, cfg, n: 1e30 if step >= n else lr_at(step, cfg, n))
+    args = TINY + ["--dataset", "synthetic", "--limit", "128", "--batch-size", "32", "--epochs", "3",
+                   "--clip-grad", "0", "--log-every", "1"]
+    with pytest.raises(SystemExit) as stop:
+        run_main(args, tmp_path)
+    assert "loss is nan" in str(stop.value) or "loss is inf" in str(stop.value)
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 4)
+    assert all(torch.isfinite(v).all() for v in saved["student"].values() if v.is_floating_point())
