@@ -254,7 +254,9 @@ def curves_figure(steps, epochs, path):
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         add_epoch_axis(ax, epochs)
-    fig.suptitle(f"{path}  ·  step {last['step']}, epoch {last.get('epoch', '?')}", fontsize=9)
+    epoch = last.get("epoch")
+    epoch = "?" if epoch is None else f"{epoch:g}" if float(epoch).is_integer() else f"{epoch:.2f}"
+    fig.suptitle(f"{path}  ·  step {last['step']}, epoch {epoch}", fontsize=9)
     return fig
 
 
