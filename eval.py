@@ -403,8 +403,9 @@ def parse_args(argv):
 
 
 def print_table(r):
-    print(f"\n{r['mode']} on {r['dataset']}, {'random init' if r['random_init'] else 'pretrained'} encoder "
-          f"(epoch {r['epochs']}), {r['device']}, {r['seconds']:.1f} s")
+    source = ("raw pixels (no encoder)" if r["raw_pixels"] else "random init encoder" if r["random_init"]
+              else f"pretrained encoder (epoch {r['epochs']})")
+    print(f"\n{r['mode']} on {r['dataset']}, {source}, {r['device']}, {r['seconds']:.1f} s")
     if r["mode"] == "fewshot":
         print(f"{'K':>4}  top-1 (mean +- std over {len(r['seeds'])} seeds)")
         for K, acc in r["accuracy"].items():
