@@ -407,9 +407,9 @@ def bench(cfg, device):
     tflops = flops / step_s / 1e12
     print(f"bench {cfg.model} ({cfg.dim}/{cfg.depth}/{cfg.heads}) P{cfg.patch_size} {cfg.img_size}px "
           f"batch {cfg.batch_size} {'compiled ' if cfg.compile else ''}on {name}: "
-          f"{cfg.batch_size / step_s:,.0f} img/s, {step_s * 1e3:.1f} ms/step, {tflops:.1f} TFLOP/s, "
-          f"MFU {100 * tflops / cfg.peak_tflops:.1f}% of {cfg.peak_tflops:g}; "
-          f"augmentation + corruption {data_s * 1e3:.1f} ms ({100 * data_s / step_s:.0f}% of a step)")
+          f"{cfg.batch_size / step_s:,.0f} img/s, {step_s * 1e3:.1f} ms/step, {tflops:.3g} TFLOP/s, "
+          f"MFU {100 * tflops / cfg.peak_tflops:.3g}% of {cfg.peak_tflops:g}; "
+          f"augmentation + corruption {data_s * 1e3:.1f} ms ({100 * data_s / step_s:.2g}% of a step)")
 
 
 def setup(argv):
