@@ -426,10 +426,8 @@ class SiT(nn.Module):
     @torch.no_grad()
     def update_teacher(self, m):
         """theta_t <- m theta_t + (1 - m) theta_s over the teacher's parameters (foreach ops)."""
-        t = dict(self.teacher.named_parameters())
-        names = list(t)
-        s = dict(self.student.named_parameters())
-        t_params, s_params = [t[n] for n in names], [s[n].detach() for n in names]
+        student = dict(self.student.named_parameters())              # same names, plus the decoder
+        t_params, s_params = zip(*[(p, student[name]) for name, p in self.teacher.named_parameters()])
         torch._foreach_mul_(t_params, m)
         torch._foreach_add_(t_params, s_params, alpha=1 - m)
 

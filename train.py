@@ -420,6 +420,9 @@ def setup(argv):
         raise RunError(f"--epochs must be positive, got {cfg.epochs}")
     if cfg.batch_size <= 0:
         raise RunError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.warmup_epochs >= cfg.epochs:
+        print(f"train.py: note: --warmup-epochs {cfg.warmup_epochs:g} >= --epochs {cfg.epochs}: the learning "
+              f"rate never reaches its peak (try --warmup-epochs {max(cfg.epochs / 10, 0.5):g})", file=sys.stderr)
     if cfg.resume:
         check_run_folder(cfg)
         saved = sit.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))[0]
