@@ -259,13 +259,18 @@ def constant(values, device):
     return torch.tensor(values, device=device)
 
 
+def channel_stats(mean, std, device):
+    """Per-channel mean and std as (1, 3, 1, 1) tensors on `device`."""
+    return constant(tuple(mean), device).view(1, -1, 1, 1), constant(tuple(std), device).view(1, -1, 1, 1)
+
+
 def normalize(x, mean, std):
-    m, s = constant(tuple(mean), x.device).view(1, -1, 1, 1), constant(tuple(std), x.device).view(1, -1, 1, 1)
+    m, s = channel_stats(mean, std, x.device)
     return (x - m) / s
 
 
 def denormalize(x, mean, std):
-    m, s = constant(tuple(mean), x.device).view(1, -1, 1, 1), constant(tuple(std), x.device).view(1, -1, 1, 1)
+    m, s = channel_stats(mean, std, x.device)
     return (x * s + m).clamp(0, 1)
 
 
