@@ -1,0 +1,228 @@
+"""Export a SiT encoder as a plain state dict in timm's or torchvision's ViT layout.
+
+    python export.py runs/cifar10/ckpt.pt                          # teacher, timm layout
+    python export.py runs/cifar10/ckpt.pt --format torchvision     # teacher, torchvision layout
+    python export.py runs/cifar10/ckpt.pt --student                # the student instead
+    python export.py runs/cifar10/finetuned.pt                     # fine-tuned encoder + its head
+
+Writes, beside the checkpoint, `<name>.pth` (a dict of tensors, loadable with
+torch.load(weights_only=True)) and `<name>.json`: the architecture, the normalisation the encoder
+expects, and the Python lines that build a model and load the weights into it strictly. The
+encoder is the one eval.py evaluates: the momentum teacher's backbone (as in DINO and MoCo v3).
+Neither timm nor torchvision is imported here; the layouts are written out below.
+Shapes: D token width, N patches, P patch side, C channels, L depth, K classes.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+import data
+import sit
+
+FORMATS = ("timm", "torchvision")
+FINETUNED_FORMAT = "sit-finetuned-v1"   # eval.py --mode finetune writes finetuned.pt in this format
+
+
+class ExportError(ValueError):
+    """A request that cannot be met (wrong checkpoint kind, layout that cannot hold the encoder)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading: the encoder that eval.py evaluates, from a ckpt.pt (train.py) or finetuned.pt (eval.py)
+# ------------------------------------------------------------------------------------------------
+
+def read_finetuned(path):
+    """eval.py's finetuned.pt as a dict (config, dataset, num_classes, model), or None if it is not one."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return ckpt if isinstance(ckpt, dict) and ckpt.get("format") == FINETUNED_FORMAT else None
+
+
+def build_vit(cfg, state, path, device="cpu"):
+    """sit.ViT of `cfg` (no drop path) in eval mode, with `state` loaded strictly."""
+    vit = sit.ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio)
+    try:
+        vit.load_state_dict(state)
+    except RuntimeError as e:
+        raise sit.CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+    return vit.to(device).eval()
+
+
+def load_encoder(path, student=False, device="cpu"):
+    """(ViT in eval mode, head {weight (K, D), bias (K,)} or None, info) from a checkpoint of ours.
+
+    info: cfg (sit.Config), encoder ("teacher" | "student" | "finetuned"), dataset (whose
+    normalisation the encoder expects), epoch. Raises sit.CheckpointError or ExportError, one line.
+    """
+    try:
+        cfg, model, ckpt = sit.load_checkpoint(path)
+    except sit.CheckpointError as err:
+        ckpt = read_finetuned(path)
+        if ckpt is None:
+            raise err from None
+        return load_finetuned(path, ckpt, student, device)
+    encoder = "student" if student else "teacher"
+    vit = build_vit(cfg, getattr(model, encoder).backbone.state_dict(), path, device)
+    return vit, None, dict(cfg=cfg, encoder=encoder, dataset=cfg.dataset, epoch=int(ckpt.get("epoch", 0)))
+
+
+def load_finetuned(path, ckpt, student, device):
+    """load_encoder for eval.py's finetuned.pt: its state dict is backbone.* plus head.weight/bias."""
+    if student:
+        raise ExportError(f"{path} is a fine-tuned encoder; --student applies to train.py's checkpoints")
+    cfg = sit.Config.from_dict(ckpt["config"])
+    state = ckpt["model"]
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    vit = build_vit(cfg, backbone, path, device)
+    head = dict(weight=state["head.weight"], bias=state["head.bias"])
+    return vit, head, dict(cfg=cfg, encoder="finetuned", dataset=ckpt.get("dataset", cfg.dataset),
+                           epoch=int(ckpt.get("epoch", 0)))
+
+
+def normalisation(dataset):
+    """(mean, std) per channel, in [0, 1], that eval.py uses for `dataset` (ImageNet's for folders)."""
+    return data.STATS.get(dataset, data.IMAGENET_STATS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts: our names -> timm's / torchvision's names (same tensors, same shapes)
+# ------------------------------------------------------------------------------------------------
+
+def timm_name(name):
+    """timm's VisionTransformer names its parameters as sit.ViT does (cls_token, pos_embed,
+    patch_embed.proj, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm); the
+    classifier on the CLS token is `head`. With global_pool="token", fc_norm is not created."""
+    return name
+
+
+TORCHVISION_TOP = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding",
+                   "patch_embed.proj.weight": "conv_proj.weight", "patch_embed.proj.bias": "conv_proj.bias",
+                   "norm.weight": "encoder.ln.weight", "norm.bias": "encoder.ln.bias",
+                   "head.weight": "heads.head.weight", "head.bias": "heads.head.bias"}
+TORCHVISION_BLOCK = {"norm1": "ln_1", "attn.proj": "self_attention.out_proj", "norm2": "ln_2",
+                     "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}  # mlp: Linear, GELU, Dropout, Linear
+# nn.MultiheadAttention stacks W_q, W_k, W_v in one (3D, D) matrix in that order, as our qkv does.
+TORCHVISION_QKV = {"weight": "self_attention.in_proj_weight", "bias": "self_attention.in_proj_bias"}
+
+
+def torchvision_name(name):
+    """Our name -> torchvision.models.VisionTransformer's, e.g. blocks.3.mlp.fc1.weight ->
+    encoder.layers.encoder_layer_3.mlp.0.weight."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m is None:
+        return TORCHVISION_TOP[name]
+    i, module, param = m.groups()
+    inner = TORCHVISION_QKV[param] if module == "attn.qkv" else f"{TORCHVISION_BLOCK[module]}.{param}"
+    return f"encoder.layers.encoder_layer_{i}.{inner}"
+
+
+RENAME = dict(timm=timm_name, torchvision=torchvision_name)
+
+
+def convert(vit, head, fmt):
+    """State dict of `vit` (+ the classifier `head`) under `fmt`'s names: plain CPU tensors, unshared."""
+    ours = dict(vit.state_dict(), **{f"head.{k}": v for k, v in (head or {}).items()})
+    return {RENAME[fmt](k): v.detach().cpu().contiguous().clone() for k, v in ours.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The architecture and the lines of Python that rebuild the model
+# ------------------------------------------------------------------------------------------------
+
+def architecture(cfg, num_classes, dataset, fmt):
+    """The facts a model built elsewhere needs: sizes, normalisation, format."""
+    mean, std = normalisation(dataset)
+    return dict(format=fmt, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+                mlp_dim=int(cfg.dim * cfg.mlp_ratio), num_classes=num_classes, layer_norm_eps=1e-6,
+                mean=list(mean), std=list(std), dataset=dataset)
+
+
+def build_line(arch):
+    """One line of Python that builds an untrained model `model` whose state dict is the export's."""
+    a, K = arch, arch["num_classes"]
+    if arch["format"] == "timm":   # the preset only picks defaults; every size is given explicitly
+        preset = {192: "tiny", 384: "small", 768: "base"}.get(a["dim"], "small")
+        return (f'model = timm.create_model("vit_{preset}_patch16_224", pretrained=False, num_classes={K}, '
+                f'global_pool="token", img_size={a["img_size"]}, patch_size={a["patch_size"]}, '
+                f'in_chans={a["in_chans"]}, embed_dim={a["dim"]}, depth={a["depth"]}, '
+                f'num_heads={a["heads"]}, mlp_ratio={a["mlp_ratio"]})')
+    line = (f'model = torchvision.models.VisionTransformer(image_size={a["img_size"]}, '
+            f'patch_size={a["patch_size"]}, num_layers={a["depth"]}, num_heads={a["heads"]}, '
+            f'hidden_dim={a["dim"]}, mlp_dim={a["mlp_dim"]}' + (f", num_classes={K})" if K else ")"))
+    return line if K else line + "; model.heads = torch.nn.Identity()"   # CLS features, no classifier
+
+
+def python_lines(arch, weights):
+    """dict(imports, build, load, use): the lines that rebuild the model and load `weights` strictly."""
+    use = ("logits = model(x)  # (B, K)" if arch["num_classes"] else "features = model(x)  # (B, D) CLS token")
+    return dict(imports="import timm, torch" if arch["format"] == "timm" else "import torch, torchvision",
+                build=build_line(arch),
+                load=f"model.load_state_dict(torch.load({json.dumps(weights)}, weights_only=True), strict=True); model.eval()",
+                use=use + f" of x (B, {arch['in_chans']}, {arch['img_size']}, {arch['img_size']}) "
+                            f"normalised with mean, std")
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def output_path(checkpoint, info, fmt):
+    """runs/x/ckpt.pt -> runs/x/ckpt-teacher-timm.pth; runs/x/finetuned.pt -> runs/x/finetuned-timm.pth."""
+    stem = os.path.splitext(checkpoint)[0]
+    return f"{stem}-{fmt}.pth" if info["encoder"] == "finetuned" else f"{stem}-{info['encoder']}-{fmt}.pth"
+
+
+def export(checkpoint, fmt="timm", student=False, out=None):
+    """Write the encoder's .pth and .json; returns (pth path, json path, the JSON record)."""
+    vit, head, info = load_encoder(checkpoint, student)
+    cfg = info["cfg"]
+    if fmt == "torchvision" and cfg.in_chans != 3:
+        raise ExportError(f"torchvision's VisionTransformer takes 3-channel images; this encoder has "
+                          f"in_chans={cfg.in_chans} (use --format timm)")
+    arch = architecture(cfg, 0 if head is None else len(head["bias"]), info["dataset"], fmt)
+    pth = out or output_path(checkpoint, info, fmt)
+    meta = os.path.splitext(pth)[0] + ".json"
+    record = dict(arch, encoder=info["encoder"], epoch=info["epoch"], weights=os.path.basename(pth),
+                  source=os.path.abspath(checkpoint), python=python_lines(arch, os.path.basename(pth)))
+    sit.atomic_save(convert(vit, head, fmt), pth)
+    tmp = meta + ".tmp"   # the JSON appears whole or not at all, like the weights
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, meta)
+    return pth, meta, record
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                                   # one line, exit code 2, no usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    p = Parser(prog="export.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a ckpt.pt written by train.py, or a finetuned.pt written by eval.py")
+    p.add_argument("--format", default="timm", choices=FORMATS, help="key layout of the exported state dict")
+    p.add_argument("--student", action="store_true", help="export the student's backbone, not the teacher's")
+    p.add_argument("--out", help="path of the .pth (the .json goes beside it); None = beside the checkpoint")
+    args = p.parse_args(argv)
+    try:
+        pth, meta, record = export(args.checkpoint, args.format, args.student, args.out)
+    except (sit.CheckpointError, ExportError, OSError) as e:
+        p.error(str(e))
+    py = python_lines(record, pth)                              # the same lines, with the path from here
+    print(f"wrote {pth} ({record['encoder']} encoder, {args.format} layout) and {meta}")
+    print(f"{py['imports']}\n{py['build']}\n{py['load']}\n{py['use']}")
+    print(f"mean = {tuple(record['mean'])}, std = {tuple(record['std'])}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
