@@ -384,3 +384,168 @@ def two_views(x, size, mean, std, generator):
     v1 = augment(x, size, generator, blur_p=1.0, solarize_p=0.0)
     v2 = augment(x, size, generator, blur_p=0.1, solarize_p=0.2)
     return normalize(torch.cat([v1, v2]), mean, std)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning augmentation (DeiT/MAE recipe), batched on the device
+# ------------------------------------------------------------------------------------------------
+# DeiT's training transform (Touvron et al., arXiv 2012.12877), which MAE's fine-tuning (He et al.,
+# arXiv 2111.06377) also uses: random-resized crop (area 0.08..1) and flip, RandAugment (Cubuk et
+# al., arXiv 1909.13719) as timm's "rand-m9-mstd0.5-inc1", normalisation, random erasing (Zhong et
+# al., arXiv 1708.04896) with p 0.25. Mixup, CutMix and label smoothing change the labels too, so
+# they live in eval.py. Every random number comes from `rand`, per image, on the images' device.
+
+RAND_AUGMENT_OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add",
+                    "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x",
+                    "translate_y")   # timm's increasing-magnitude list, in its order
+
+
+def standard_normal(n, generator, device):
+    """n draws of N(0, 1) from `rand` uniforms (inverse CDF, |z| < 5.3), whatever `generator` is."""
+    u = rand(n, generator, device, 1e-7, 1 - 1e-7)
+    return math.sqrt(2) * torch.erfinv(2 * u - 1)
+
+
+def affine_ops(x, pick, signed, fill):
+    """Rotate (30 deg), shear x / y (0.3) and translate x / y (0.45 of the side), times `signed`.
+
+    x (B, 3, H, W) in [0, 1]; pick (B,) index into RAND_AUGMENT_OPS; signed (B,) level in [-1, 1].
+    One bilinear grid_sample for the batch, about the image centre; uncovered pixels take the colour
+    `fill`. Images that picked another op come back untouched.
+    """
+    B, C, H, W = x.shape
+    def on(name):
+        return (pick == RAND_AUGMENT_OPS.index(name)).float()
+    angle = math.radians(30) * signed * on("rotate")
+    shear_x, shear_y = 0.3 * signed * on("shear_x"), 0.3 * signed * on("shear_y")
+    shift_x, shift_y = 0.45 * signed * on("translate_x"), 0.45 * signed * on("translate_y")
+    c, s = angle.cos(), angle.sin()
+    # output -> input map in grid_sample's [-1, 1] coordinates; at most one op is non-zero per image
+    theta = torch.stack([c, (shear_x - s) * H / W, 2 * shift_x, (s + shear_y) * W / H, c, 2 * shift_y], 1)
+    grid = F.affine_grid(theta.view(B, 2, 3), (B, C, H, W), align_corners=False)
+    m = constant(tuple(fill), x.device).view(1, -1, 1, 1)
+    warped = F.grid_sample(x - m, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + m
+    moved = (on("rotate") + on("shear_x") + on("shear_y") + on("translate_x") + on("translate_y")) > 0
+    return torch.where(moved.view(B, 1, 1, 1), warped.clamp(0, 1), x)
+
+
+def enhance(x, degenerate, factor):
+    """PIL's ImageEnhance: from `degenerate` (factor 0) through x (factor 1) and beyond; factor (B,)."""
+    return (degenerate + factor.view(-1, 1, 1, 1) * (x - degenerate)).clamp(0, 1)
+
+
+def smooth(x):
+    """PIL's SMOOTH filter (3 x 3, centre 5, the others 1, over 13) inside, x on the 1-pixel border:
+    what ImageEnhance.Sharpness blends away from."""
+    if min(x.shape[-2:]) < 3:
+        return x
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = (9 * F.avg_pool2d(x, 3, stride=1) + 4 * x[..., 1:-1, 1:-1]) / 13
+    return out
+
+
+def autocontrast(x):
+    """Each channel of each image stretched to span 0..1 (PIL's ImageOps.autocontrast, no cutoff)."""
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-6), x)
+
+
+def equalize(x):
+    """Histogram equalisation of each channel of each image over 256 levels, as PIL's
+    ImageOps.equalize: level i -> (step // 2 + pixels below i) // step, step = (pixels not at the
+    top level) // 255; a channel with step 0 (nearly constant) is left as it is."""
+    B, C, H, W = x.shape
+    v = (x * 255).round().long().clamp(0, 255).view(B * C, H * W)
+    hist = torch.zeros(B * C, 256, dtype=torch.long, device=x.device).scatter_add_(1, v, torch.ones_like(v))
+    below = hist.cumsum(1) - hist                                    # (B*C, 256) pixels below level i
+    step = (H * W - hist.gather(1, v.amax(1, keepdim=True))) // 255  # (B*C, 1)
+    lut = ((step // 2 + below) // step.clamp(min=1)).clamp(max=255)
+    out = (lut.gather(1, v).float() / 255).view(B, C, H, W)
+    return torch.where((step > 0).view(B, C, 1, 1), out, x)
+
+
+def colour_ops(x, pick, level, signed):
+    """The 10 colour ops of RAND_AUGMENT_OPS at `level` (B,) in [0, 1], each where picked.
+
+    Enhance factors 1 + 0.9 signed (at least 0.1); posterize keeps 4 - floor(4 level) bits;
+    solarize inverts values >= 256 - floor(256 level) (of 255); solarize_add adds floor(110 level)
+    to values below 128.
+    """
+    B = x.shape[0]
+    def on(name):
+        return (pick == RAND_AUGMENT_OPS.index(name)).view(B, 1, 1, 1)
+    factor = (1 + 0.9 * signed).clamp(min=0.1)                       # (B,)
+    level = level.view(B, 1, 1, 1)
+    x = torch.where(on("autocontrast"), autocontrast(x), x)
+    x = torch.where(on("equalize"), equalize(x), x)
+    x = torch.where(on("invert"), 1 - x, x)
+    step = 2 ** (4 + (4 * level).floor())                            # 2^(8 - bits)
+    x = torch.where(on("posterize"), ((x * 255).round() / step).floor() * step / 255, x)
+    x = torch.where(on("solarize") & (x * 255 >= 256 - (256 * level).floor()), 1 - x, x)
+    x = torch.where(on("solarize_add") & (x * 255 < 128), (x + (110 * level).floor() / 255).clamp(max=1), x)
+    x = torch.where(on("color"), enhance(x, gray(x).expand_as(x), factor), x)
+    x = torch.where(on("contrast"), enhance(x, gray(x).mean((2, 3), keepdim=True).expand_as(x), factor), x)
+    x = torch.where(on("brightness"), enhance(x, torch.zeros_like(x), factor), x)
+    return torch.where(on("sharpness"), enhance(x, smooth(x), factor), x)
+
+
+def rand_augment(x, generator, n=2, magnitude=9.0, magnitude_std=0.5, p=0.5, fill=(0.5, 0.5, 0.5)):
+    """RandAugment as timm's "rand-m9-mstd0.5-inc1" (DeiT's and MAE's): x (B, 3, H, W) in [0, 1].
+
+    n times, each image picks one of the 15 RAND_AUGMENT_OPS (with replacement), applies it with
+    probability p at magnitude ~ N(magnitude, magnitude_std) clipped to 0..10 (level = magnitude/10),
+    signed ops (geometry, enhance factors) with a random sign. Uncovered pixels take `fill` (the
+    dataset's mean colour, as timm's img_mean).
+    Differs from timm's RandAugment, which runs on uint8 PIL images one at a time: float images, all
+    images at once (every op is computed for the batch and kept where picked); bilinear resampling
+    only (timm picks bilinear or bicubic); shears about the centre (PIL's about the top-left corner);
+    contrast from the unrounded mean gray.
+    """
+    B, dev = x.shape[0], x.device
+    K = len(RAND_AUGMENT_OPS)
+    for _ in range(n):
+        pick = (rand(B, generator, dev) * K).long().clamp(max=K - 1)
+        pick = torch.where(rand(B, generator, dev) < p, pick, -1)   # -1: this image skips the op
+        level = (magnitude + magnitude_std * standard_normal(B, generator, dev)).clamp(0, 10) / 10
+        signed = level * torch.where(rand(B, generator, dev) < 0.5, -1.0, 1.0)
+        x = colour_ops(affine_ops(x, pick, signed, fill), pick, level, signed)
+    return x
+
+
+def random_erasing(x, generator, p=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
+    """With probability p per image, one rectangle of normalised x (B, C, H, W) becomes N(0, 1) noise.
+
+    Area share ~ U(area), aspect h/w ~ logU(aspect), noise per pixel and channel (timm's "pixel"
+    mode, DeiT's and MAE's setting). Differs from timm: a rectangle that does not fit is clamped to
+    the image, instead of re-drawn up to 10 times and then skipped.
+    """
+    B, C, H, W = x.shape
+    dev = x.device
+    target = rand(B, generator, dev, *area) * H * W                  # (B,) pixels
+    aspect = rand(B, generator, dev, math.log(aspect[0]), math.log(aspect[1])).exp()
+    h = (target * aspect).sqrt().round().clamp(1, H)
+    w = (target / aspect).sqrt().round().clamp(1, W)
+    top = (rand(B, generator, dev) * (H - h + 1)).floor().view(B, 1, 1)
+    left = (rand(B, generator, dev) * (W - w + 1)).floor().view(B, 1, 1)
+    on = (rand(B, generator, dev) < p).view(B, 1, 1)
+    ys, xs = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
+    box = on & (ys >= top) & (ys < top + h.view(B, 1, 1)) & (xs >= left) & (xs < left + w.view(B, 1, 1))
+    noise = standard_normal(B * C * H * W, generator, dev).view(B, C, H, W).to(x.dtype)
+    return torch.where(box.unsqueeze(1), noise, x)                   # (B, 1, H, W) box, per channel
+
+
+def finetune_view(x, size, mean, std, generator, crop_min=0.08, randaug_n=2, randaug_m=9.0,
+                  randaug_mstd=0.5, reprob=0.25):
+    """DeiT's training transform: uint8 (B, C, S, S) -> normalised float (B, 3, size, size).
+
+    Crop of area share ~U(crop_min, 1) and flip, RandAugment (randaug_n = 0: off), normalisation,
+    random erasing (reprob = 0: off). Larger images are first shrunk to `size` as `prepare` does.
+    """
+    x = to_unit(x)
+    if x.shape[-1] > size or x.shape[-2] > size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = random_resized_crop(x, size, generator, scale=(crop_min, 1.0))
+    if randaug_n:
+        x = rand_augment(x, generator, randaug_n, randaug_m, randaug_mstd, fill=mean)
+    x = normalize(x, mean, std)
+    return random_erasing(x, generator, reprob) if reprob > 0 else x

@@ -1,6 +1,7 @@
 """Tests of eval.py: every mode end to end on a tiny synthetic checkpoint, the pure pieces
-(k-NN, linear probe, few-shot draws, mixing, layer decay) on hand-made problems, and the one-line
-errors. CPU only, seeded, no network; the whole file runs in about a minute on 2 cores."""
+(k-NN, linear probe, few-shot draws, mixing, layer decay) on hand-made problems, the fine-tuning
+augmentation of data.py (checked against PIL where PIL defines the op), and the one-line errors.
+CPU only, seeded, no network; the whole file runs in well under a minute on 2 cores."""
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageEnhance, ImageOps
 
+import data
 import eval as ev
 import sit
 
@@ -77,12 +80,17 @@ def test_fewshot_mode_reports_mean_and_std_per_k(ckpt):
 
 
 def test_finetune_mode_trains_and_saves_a_loadable_model(ckpt):
-    """One epoch with every option on; finetuned.pt loads with weights_only and strictly."""
+    """Two epochs of the default recipe (every augmentation on); the headline is the last epoch;
+    finetuned.pt loads with weights_only and strictly."""
     _, line = run(ckpt, "--mode", "finetune", "--epochs", "2", "--batch-size", "64", "--limit", "256",
-                  "--mixup", "0.8", "--cutmix", "1.0", "--layer-decay", "0.5", "--warmup-epochs", "1")
+                  "--layer-decay", "0.5", "--warmup-epochs", "1")
     assert line["finetune_epochs"] == 2 and len(line["per_epoch"]) == 2
-    assert line["best"] == max(line["per_epoch"]) and line["layer_decay"] == 0.5
+    assert line["accuracy"] == line["per_epoch"][-1] and 10 < line["accuracy"] <= 100
+    assert line["best_epoch_picked_on_test"] == max(line["per_epoch"]) and line["layer_decay"] == 0.5
+    assert (line["mixup"], line["cutmix"], line["smoothing"], line["reprob"], line["randaug_n"],
+            line["crop_min"], line["drop_path"], line["weight_decay"]) == (0.8, 1.0, 0.1, 0.25, 2, 0.08, 0.1, 0.05)
     saved = torch.load(line["finetuned"], weights_only=True)
+    assert saved["accuracy"] == line["accuracy"]
     assert os.path.dirname(line["finetuned"]) == os.path.dirname(ckpt)
     cfg = sit.Config.from_dict(saved["config"])
     backbone = sit.ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.depth, cfg.heads)
@@ -126,15 +134,47 @@ def test_fewshot_draws_exactly_k_per_class_and_differ_per_seed():
         ev.fewshot_indices(labels, 10, 31, seed=0)                             # 30 per class only
 
 
+def test_finetune_headline_is_the_last_epoch_not_the_best(ckpt, monkeypatch):
+    """Scripted epoch accuracies 50, 70, 60: the headline (JSON, table, finetuned.pt) is 60; 70 is
+    only the clearly named secondary field."""
+    accs = iter([50.0, 70.0, 60.0])
+    monkeypatch.setattr(ev, "finetune_epoch", lambda *a: (1.0, next(accs)))
+    record, line = run(ckpt, "--mode", "finetune", "--epochs", "3", "--batch-size", "64", "--limit", "64")
+    assert line["accuracy"] == record["accuracy"] == 60.0 and line["per_epoch"] == [50.0, 70.0, 60.0]
+    assert line["best_epoch_picked_on_test"] == 70.0 and "best" not in line
+    assert torch.load(line["finetuned"], weights_only=True)["accuracy"] == 60.0
+
+
 def test_mix_keeps_targets_distributions_and_cutmix_area():
+    """Targets stay distributions; the partner's pixel share equals its label share, for mixup
+    and for CutMix (lambda corrected to the clipped box), over many draws."""
     x = torch.zeros(4, 3, 8, 8)
     x[0] = 1.0                                          # image 0, whose partner (reversed) is image 3
-    t = torch.eye(4)
+    t = ev.smooth_targets(torch.arange(4), 4, 0.1)
+    assert torch.allclose(t.sum(1), torch.ones(4)) and t[0, 0] == pytest.approx(0.925)
+    rng = np.random.default_rng(0)
     for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
-        xm, tm = ev.mix(x, t, mixup, cutmix, np.random.default_rng(0))
-        assert torch.allclose(tm.sum(1), torch.ones(4))
-        assert xm[3].mean().item() == pytest.approx(tm[3, 0].item())            # pixel share = label share
-    assert ev.mix(x, t, 0.0, 0.0, np.random.default_rng(0))[0] is x             # off = untouched
+        for _ in range(20):
+            xm, tm = ev.mix(x, t, mixup, cutmix, rng)
+            assert torch.allclose(tm.sum(1), torch.ones(4))
+            share = (tm[3, 0] - t[3, 0]) / (t[0, 0] - t[3, 0])                  # weight of image 0 in 3
+            assert xm[3].mean().item() == pytest.approx(share.item(), abs=1e-6)
+            if cutmix and not mixup:
+                assert set(xm.unique().tolist()) <= {0.0, 1.0}                  # a box, not a blend
+    assert ev.mix(x, t, 0.0, 0.0, rng)[0] is x                                  # off = untouched
+    assert ev.mix(x, t, 0.8, 1.0, rng, prob=0.0)[0] is x                        # never applied
+
+
+def test_mix_switch_prob_picks_the_kind():
+    """switch_prob 1: always CutMix (pixels copied, never blended); 0: always mixup (a blend)."""
+    x = torch.zeros(4, 3, 8, 8)
+    x[0] = 1.0
+    t, rng = torch.eye(4), np.random.default_rng(1)
+    for _ in range(10):
+        cut = ev.mix(x, t, 0.8, 1.0, rng, switch_prob=1.0)[0]
+        blend = ev.mix(x, t, 0.8, 1.0, rng, switch_prob=0.0)[0]
+        assert set(cut.unique().tolist()) <= {0.0, 1.0}
+        assert torch.allclose(blend[3], blend[3, 0, 0, 0].expand_as(blend[3]))  # uniform blend
 
 
 def test_layer_decay_scales_and_no_decay_groups():
@@ -150,6 +190,156 @@ def test_layer_decay_scales_and_no_decay_groups():
     for n in ("backbone.cls_token", "backbone.pos_embed", "head.bias", "backbone.norm.weight"):
         assert decay[id(named[n])] == 0.0
     assert len(scale) == len(named)                      # every parameter in exactly one group
+
+
+def test_layer_decay_lr_ratios_per_block():
+    """After set_lr, each block's lr is layer_decay times the next one's; the head and final norm
+    get the full lr, the embeddings layer_decay^(depth + 1) of it; AdamW sees those lrs."""
+    depth, decay, lr = 4, 0.75, 1e-3
+    model = ev.Classifier(sit.ViT(16, 4, 3, 32, depth, 2), 10)
+    opt = torch.optim.AdamW(ev.param_groups(model, 0.05, decay), lr=0.0)
+    ev.set_lr(opt, lr)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    block = [lr_of[id(named[f"backbone.blocks.{i}.attn.qkv.weight"])] for i in range(depth)]
+    for i in range(depth - 1):
+        assert block[i] / block[i + 1] == pytest.approx(decay)
+        assert lr_of[id(named[f"backbone.blocks.{i}.norm1.bias"])] == block[i]  # decay group or not
+    assert block[-1] == pytest.approx(lr * decay)
+    assert lr_of[id(named["head.weight"])] == lr and lr_of[id(named["backbone.norm.weight"])] == lr
+    for n in ("backbone.patch_embed.proj.weight", "backbone.cls_token", "backbone.pos_embed"):
+        assert lr_of[id(named[n])] == pytest.approx(lr * decay ** (depth + 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning augmentation (data.py): shapes, ranges, seeds, and PIL where PIL defines the op
+# ------------------------------------------------------------------------------------------------
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def pil_batch(n=6, size=20, seed=0):
+    """n uint8 RGB images with structure (gradients + noise), as tensors (n, 3, S, S) and PIL images."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 1, size)
+    base = ramp.view(1, 1, 1, -1) * torch.rand(n, 3, 1, 1, generator=g) + ramp.view(1, 1, -1, 1) * 0.3
+    x = ((base + 0.3 * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1) * 255).round().to(torch.uint8)
+    return x, [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]
+
+
+def one_op(x, name, level, sign=1.0, fill=(0.5, 0.5, 0.5)):
+    """data.py's op `name` on every image of float x, at level (0..1) and sign."""
+    B = x.shape[0]
+    pick = torch.full((B,), data.RAND_AUGMENT_OPS.index(name))
+    level = torch.full((B,), float(level))
+    return data.colour_ops(data.affine_ops(x, pick, level * sign, fill), pick, level, level * sign)
+
+
+PIL_OPS = {  # op: (PIL at level 0.9, i.e. timm's magnitude 9, sign +; largest allowed error in 1/255)
+    "invert": (ImageOps.invert, 0),
+    "posterize": (lambda im: ImageOps.posterize(im, 1), 0),                    # 4 - int(0.9 * 4) = 1 bit
+    "solarize": (lambda im: ImageOps.solarize(im, 256 - int(0.9 * 256)), 0),
+    "solarize_add": (lambda im: im.point([min(255, i + int(0.9 * 110)) if i < 128 else i for i in range(256)] * 3), 0),
+    "autocontrast": (ImageOps.autocontrast, 1),
+    "brightness": (lambda im: ImageEnhance.Brightness(im).enhance(1.81), 1),
+    "color": (lambda im: ImageEnhance.Color(im).enhance(1.81), 2),
+    "contrast": (lambda im: ImageEnhance.Contrast(im).enhance(1.81), 2),
+    "sharpness": (lambda im: ImageEnhance.Sharpness(im).enhance(1.81), 2),
+}
+
+
+@pytest.mark.parametrize("name", PIL_OPS)
+def test_colour_op_matches_pil(name):
+    """Each colour op at timm's magnitude 9 gives PIL's image, up to rounding."""
+    x, ims = pil_batch()
+    ours = (one_op(x.float() / 255, name, 0.9) * 255).round()
+    op, tol = PIL_OPS[name]
+    theirs = torch.stack([torch.from_numpy(np.array(op(im))).permute(2, 0, 1) for im in ims]).float()
+    assert (ours - theirs).abs().max().item() <= tol
+
+
+def test_equalize_matches_pil():
+    """Equalized channels are PIL's, and span 0..255."""
+    x, ims = pil_batch(size=32)
+    ours = (one_op(x.float() / 255, "equalize", 0.9) * 255).round()
+    theirs = torch.stack([torch.from_numpy(np.array(ImageOps.equalize(im))).permute(2, 0, 1) for im in ims]).float()
+    assert torch.equal(ours, theirs) and ours.amax((2, 3)).min().item() == 255
+
+
+def test_translate_moves_content_by_the_share_of_the_side():
+    """translate_x at level 1 moves the image 0.45 x 20 = 9 pixels left, as PIL's affine does, and
+    fills the uncovered columns with `fill`; rotate keeps the centre of an odd-sized image."""
+    x = torch.rand(2, 3, 20, 20, generator=gen())
+    out = one_op(x, "translate_x", 1.0, fill=(0.1, 0.2, 0.3))
+    assert torch.allclose(out[..., :11], x[..., 9:], atol=1e-5)
+    assert torch.allclose(out[:, :, :, 11:], torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1).expand(2, 3, 20, 9), atol=1e-5)
+    down = one_op(x, "translate_y", 1.0, sign=-1.0)
+    assert torch.allclose(down[..., 9:, :], x[..., :11, :], atol=1e-5)
+    odd = torch.rand(2, 3, 21, 21, generator=gen())
+    assert torch.allclose(one_op(odd, "rotate", 1.0)[..., 10, 10], odd[..., 10, 10], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", data.RAND_AUGMENT_OPS)
+def test_every_op_keeps_shape_and_range_and_leaves_skipped_images(name):
+    """In [0, 1] out, same shape; images that picked another op (or none) are bit-identical."""
+    x = torch.rand(6, 3, 12, 12, generator=gen())
+    pick = torch.tensor([data.RAND_AUGMENT_OPS.index(name)] * 3 + [-1] * 3)
+    level = torch.tensor([0.3, 0.9, 1.0] * 2)
+    signed = level * torch.tensor([1.0, -1.0, 1.0] * 2)
+    out = data.colour_ops(data.affine_ops(x, pick, signed, (0.5, 0.5, 0.5)), pick, level, signed)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out[3:], x[3:])
+    if name not in ("autocontrast", "equalize"):           # these may leave a full-range image as is
+        assert not torch.equal(out[:3], x[:3])
+
+
+def test_rand_augment_is_seeded_and_ranged():
+    x = torch.rand(32, 3, 16, 16, generator=gen())
+    a, b = data.rand_augment(x, gen(3)), data.rand_augment(x, gen(3))
+    assert torch.equal(a, b) and not torch.equal(a, data.rand_augment(x, gen(4)))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    changed = (a != x).flatten(1).any(1).float().mean().item()
+    assert 0.5 < changed < 1.0                             # p 0.5 per op, 2 ops: ~3/4 of images touched
+    assert torch.equal(data.rand_augment(x, gen(3), n=0), x)
+
+
+def test_random_erasing_one_noise_box_per_image():
+    """p 1: each image has one rectangle of N(0, 1) noise covering 2%..33% of it, the rest kept;
+    p 0: untouched; seeded."""
+    x = torch.full((64, 3, 32, 32), 7.0)                   # far from any N(0, 1) draw
+    out = data.random_erasing(x, gen(), p=1.0)
+    assert torch.equal(out, data.random_erasing(x, gen(), p=1.0)) and out.shape == x.shape
+    box = out[:, 0] != 7.0                                  # (B, H, W)
+    assert torch.equal(box, (out != 7.0).all(1))            # the same box in every channel
+    rows, cols = box.any(2), box.any(1)
+    assert torch.equal(box.sum((1, 2)), rows.sum(1) * cols.sum(1))   # a filled rectangle
+    share = box.float().mean((1, 2))
+    assert share.min() >= 0.015 and share.max() <= 0.36
+    noise = out[:, :, box.any(0)][out[:, :, box.any(0)] != 7.0]
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
+    assert torch.equal(data.random_erasing(x, gen(), p=0.0), x)
+
+
+def test_finetune_view_shapes_switches_and_seed():
+    """uint8 (B, 1 or 3, S, S) -> normalised (B, 3, size, size); same seed, same batch; with
+    RandAugment and erasing off it is the crop alone."""
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    for C, S in ((1, 28), (3, 20)):
+        x = torch.randint(0, 256, (8, C, S, S), dtype=torch.uint8, generator=gen())
+        a = data.finetune_view(x, 16, mean, std, gen(5))
+        assert a.shape == (8, 3, 16, 16) and torch.isfinite(a).all()
+        assert torch.equal(a, data.finetune_view(x, 16, mean, std, gen(5)))
+        assert not torch.equal(a, data.finetune_view(x, 16, mean, std, gen(6)))
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=gen())
+    plain = data.finetune_view(x, 16, mean, std, gen(5), crop_min=0.5, randaug_n=0, reprob=0)
+    crop = data.normalize(data.random_resized_crop(data.to_unit(x), 16, gen(5), scale=(0.5, 1.0)), mean, std)
+    assert torch.equal(plain, crop)
+
+
+def test_standard_normal_moments():
+    z = data.standard_normal(200_000, gen(), "cpu")
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01 and z.abs().max() < 5.5
 
 
 # ------------------------------------------------------------------------------------------------
