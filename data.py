@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import sit
+
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 STATS = {  # per-channel mean and std of the training images, in [0, 1]
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -253,9 +255,16 @@ def to_unit(x):
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-@functools.lru_cache(maxsize=64)
 def constant(values, device):
-    """A small constant tensor made once per device: no host-to-device copy in the training step."""
+    """A small constant tensor made once per device: no host-to-device copy in the training step
+    (inside a compiled graph it is a constant of the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, device=device)
+    return cached_constant(values, device)
+
+
+@functools.lru_cache(maxsize=64)
+def cached_constant(values, device):
     return torch.tensor(values, device=device)
 
 
@@ -283,7 +292,8 @@ def prepare(x, size, mean, std):
 
 
 def rand(B, generator, device, lo=0.0, hi=1.0):
-    return lo + (hi - lo) * torch.rand(B, generator=generator, device=device)
+    """(B,) uniform in [lo, hi) from a torch.Generator or a sit.Uniforms stream (the training step's)."""
+    return lo + (hi - lo) * sit.uniform((B,), generator, device)
 
 
 def random_resized_crop(x, size, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5):
@@ -311,11 +321,13 @@ def gray(x):
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
-@functools.lru_cache(maxsize=8)
+RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))  # NTSC
+YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(RGB_TO_YIQ, dtype=torch.float64)).tolist()))
+
+
 def yiq_matrices(device):
-    """RGB -> YIQ (NTSC) and its exact inverse, made once per device."""
-    to = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
-    return to.float().to(device), torch.linalg.inv(to).float().to(device)
+    """RGB -> YIQ (NTSC) and its exact inverse (computed once, at import, in float64)."""
+    return constant(RGB_TO_YIQ, device), constant(YIQ_TO_RGB, device)
 
 
 def color_jitter(x, generator, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
@@ -367,8 +379,16 @@ def solarize(x, generator, p):
 
 
 def augment(x, size, generator, blur_p, solarize_p):
-    """One view: uint8 (B, C, S, S) -> float (B, 3, size, size) in [0, 1]."""
-    x = random_resized_crop(to_unit(x), size, generator)
+    """One view: uint8 (B, C, S, S) -> float (B, 3, size, size) in [0, 1].
+
+    Images larger than `size` (STL-10's 96 px for 32 px training) are first shrunk to it with
+    antialiasing, as `prepare` does for evaluation: cropping and shrinking them in one bilinear
+    grid_sample would alias, so training and test inputs would differ in sharpness.
+    """
+    x = to_unit(x)
+    if x.shape[-1] > size or x.shape[-2] > size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = random_resized_crop(x, size, generator)
     x = random_grayscale(color_jitter(x, generator), generator)
     # The reference blurs images upsampled to 224 px with sigma in [0.1, 2]; at other sizes the same
     # relative blur is sigma x size / 224.

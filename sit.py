@@ -76,7 +76,8 @@ class Config:
     # --- system ---
     out: str = _f("", "run folder; empty = runs/<dataset>")
     device: str = _f("auto", "auto | cuda | mps | cpu (auto: cuda, then mps, then cpu)")
-    compile: bool = _f(False, "torch.compile the training step")
+    compile: bool = _f(None, "torch.compile the whole training step into one graph (default: on with CUDA, off elsewhere)")
+    cuda_graphs: bool = _f(True, "with --compile on CUDA: replay the step as a CUDA graph (mode reduce-overhead)")
     resume: bool = _f(False, "continue the run in --out from its ckpt.pt")
     knn_every: int = _f(10, "k-NN monitor every N epochs (also at step 0 and at the end); 0 = only the end")
     log_every: int = _f(50, "steps between progress-bar/log.jsonl updates")
@@ -149,6 +150,46 @@ def unpatchify(x, P, H, W):
 
 
 # ------------------------------------------------------------------------------------------------
+# Random numbers: from a torch.Generator, or from a stream drawn once per training step
+# ------------------------------------------------------------------------------------------------
+
+class Uniforms:
+    """U[0, 1) numbers handed out in order from one flat tensor drawn beforehand.
+
+    The training step draws all its random numbers (views, corruption, drop path) as one
+    `torch.rand(n, generator=...)` outside the compiled graph, and the graph reads them from here:
+    torch.compile cannot take a torch.Generator inside a graph, and this way the eager and the
+    compiled step see the same numbers, and --resume continues both exactly. With no buffer it
+    counts what is asked (a dry run on the meta device sizes the buffer) and hands out 0.5.
+    """
+
+    def __init__(self, buffer=None):
+        self.buffer, self.used = buffer, 0
+
+    def take(self, shape, device):
+        n = math.prod(shape)
+        if self.buffer is None:
+            out = torch.full(shape, 0.5, device=device)
+        else:
+            out = self.buffer[self.used:self.used + n].view(shape)
+        self.used += n
+        return out
+
+
+def uniform(shape, generator, device):
+    """U[0, 1) float32 of `shape` from a torch.Generator (None: the global one) or a Uniforms stream."""
+    if isinstance(generator, Uniforms):
+        return generator.take(tuple(shape), device)
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def normal(shape, generator, device):
+    """N(0, 1) float32 from uniforms (inverse CDF: sqrt(2) erfinv(2u - 1)), so either source works."""
+    u = uniform(shape, generator, device)
+    return math.sqrt(2) * torch.erfinv((2 * u - 1).clamp(-1 + 1e-6, 1 - 1e-6))   # |z| < 4.9
+
+
+# ------------------------------------------------------------------------------------------------
 # GMML corruption (paper Sec. 3.1): connected blocks of each view are replaced by noise, zeros or
 # the same region of another image. Batched on the images' device, from an optional generator.
 # ------------------------------------------------------------------------------------------------
@@ -161,7 +202,8 @@ def gmml_mask(share, H, W, align, max_block=0.3, generator=None, max_share=0.95)
     `max_block` of the image side, are added one after another until the share is reached, as in
     the reference code; all images draw their rectangles at once (no loop over the batch).
     Differs from the reference code: block sizes are drawn in grid cells, so patch-aligned blocks
-    (align = P) work at 32x32 instead of degenerating, and draws come from `generator`.
+    (align = P) work at 32x32 instead of degenerating, and draws come from `generator` (a
+    torch.Generator or a Uniforms stream; see `uniform`).
     """
     B, device = share.shape[0], share.device
     gh, gw = math.ceil(H / align), math.ceil(W / align)             # grid cells
@@ -169,7 +211,7 @@ def gmml_mask(share, H, W, align, max_block=0.3, generator=None, max_share=0.95)
     # Enough rectangles that the union reaches the largest share in expectation, twice over.
     mean_area = min((mh + 1) * (mw + 1) / 4 / (gh * gw), 0.99)       # share of one block, on average
     K = min(250, max(8, 2 * math.ceil(math.log(1 - min(max_share, 0.95)) / math.log(1 - mean_area))))
-    u = torch.rand(B, K, 4, generator=generator, device=device)
+    u = uniform((B, K, 4), generator, device)
     bh = 1 + (u[..., 0] * mh).long()                                # (B, K) block height, cells
     bw = 1 + (u[..., 1] * mw).long()
     top = (u[..., 2] * (gh - bh + 1)).long()                        # (B, K) top-left corner
@@ -202,7 +244,7 @@ def gmml_corrupt(x, drop_perc=0.5, drop_replace=0.3, align=4, drop_type="noise",
     p = drop_perc, are filled with N(0, 1) noise or zeros (the mean colour after normalisation).
     """
     B, C, H, W = x.shape
-    u = torch.rand(B, 3, generator=generator, device=x.device)
+    u = uniform((B, 3), generator, x.device)
     replace = (u[:, 0] < 0.5) & (B > 1)                             # (B,) fill from another image
     hi = torch.where(replace, torch.full_like(u[:, 0], drop_replace), torch.full_like(u[:, 0], drop_perc))
     share = hi.clamp(max=0.5) + u[:, 1] * (hi - hi.clamp(max=0.5))  # ~ U(min(0.5, hi), hi)
@@ -210,7 +252,7 @@ def gmml_corrupt(x, drop_perc=0.5, drop_replace=0.3, align=4, drop_type="noise",
     # Differs from the reference code: the source is never the image itself (offset in 1..B-1).
     src = (torch.arange(B, device=x.device) + 1 + (u[:, 2] * max(B - 1, 1)).long().clamp(max=max(B - 2, 0))) % B
     if drop_type == "noise":
-        fill = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        fill = normal(x.shape, generator, x.device).to(x.dtype)
     else:
         fill = torch.zeros_like(x)
     fill = torch.where(replace.view(B, 1, 1, 1), x[src], fill)
@@ -254,12 +296,15 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def drop_path(x, rate, training):
-    """Stochastic depth: drop the whole residual branch per sample with probability `rate`."""
+def drop_path(x, rate, training, generator=None):
+    """Stochastic depth: drop the whole residual branch per sample with probability `rate`.
+
+    The keep draw is float32 even under bf16 autocast (a bf16 uniform has only 256 levels).
+    """
     if rate == 0.0 or not training:
         return x
-    keep = torch.rand(x.shape[0], 1, 1, device=x.device, dtype=x.dtype) >= rate
-    return x * keep / (1 - rate)
+    keep = uniform((x.shape[0], 1, 1), generator, x.device) >= rate
+    return x * keep.to(x.dtype) / (1 - rate)
 
 
 class Block(nn.Module):
@@ -271,9 +316,9 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+    def forward(self, x, generator=None):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training, generator)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, generator)
 
 
 class PatchEmbed(nn.Module):
@@ -321,11 +366,14 @@ class ViT(nn.Module):
         tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
         return tokens + self.pos_embed_for(H // self.patch_size, W // self.patch_size)
 
-    def forward(self, x):
-        """(B, C, H, W) -> normalised tokens (B, 1 + N, D); [:, 0] is the CLS token."""
+    def forward(self, x, generator=None):
+        """(B, C, H, W) -> normalised tokens (B, 1 + N, D); [:, 0] is the CLS token.
+
+        generator: where drop path draws from in training (None: the global generator).
+        """
         x = self.embed(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, generator)
         return self.norm(x)
 
     @torch.no_grad()
@@ -405,13 +453,14 @@ class SiT(nn.Module):
             block.drop_path = 0.0                                    # the teacher has no drop path
         self.teacher.requires_grad_(False)
 
-    def forward(self, clean, corrupted, mask):
+    def forward(self, clean, corrupted, mask, generator=None):
         """Two views stacked: clean, corrupted (2B, C, H, W), mask (2B, 1, H, W) (True = corrupted).
 
+        generator: the student's drop path draws from it (None: the global generator).
         Returns dict(loss, loss_recons, loss_contr, recon (2B, C, H, W), mask).
         """
         B2, C, H, W = clean.shape
-        tokens = self.student.backbone(corrupted)                    # (2B, 1 + N, D)
+        tokens = self.student.backbone(corrupted, generator)         # (2B, 1 + N, D)
         recon = self.student.decoder(tokens[:, 1:], H, W)            # (2B, C, H, W)
         loss_recons = recon_loss(recon, clean, mask)
         # Batch norm statistics per view, as in the reference (each view is its own forward pass).
@@ -425,11 +474,14 @@ class SiT(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, m):
-        """theta_t <- m theta_t + (1 - m) theta_s over the teacher's parameters (foreach ops)."""
+        """theta_t <- m theta_t + (1 - m) theta_s over the teacher's parameters (foreach ops).
+
+        m: a float, or a 0-dim tensor (the compiled step reads it from the device).
+        """
         student = dict(self.student.named_parameters())              # same names, plus the decoder
         t_params, s_params = zip(*[(p, student[name]) for name, p in self.teacher.named_parameters()])
         torch._foreach_mul_(t_params, m)
-        torch._foreach_add_(t_params, s_params, alpha=1 - m)
+        torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1 - m))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,11 +492,12 @@ def recon_loss(recon, clean, mask):
     """L_recons: L1 between reconstruction and clean view over corrupted pixels only.
 
     Kept from the reference code: averaged over all corrupted pixels of the batch, so images with
-    more corruption weigh more than images with less.
+    more corruption weigh more than images with less. Summed and counted in float32: under bf16
+    autocast a bf16 count of ~10^5 pixels would be rounded to 3 significant digits.
     """
-    m = mask.to(recon.dtype)                                         # (B, 1, H, W), broadcast over C
+    m = mask.float()                                                 # (B, 1, H, W), broadcast over C
     denom = (m.sum() * recon.shape[1]).clamp(min=1)
-    return ((recon - clean).abs() * m).sum() / denom
+    return ((recon.float() - clean.float()).abs() * m).sum() / denom
 
 
 def gather_keys(k):
@@ -496,6 +549,17 @@ def momentum_at(step, cfg, steps_per_epoch):
     return cosine(cfg.momentum_teacher, 1.0, step, cfg.epochs * steps_per_epoch)
 
 
+def schedule_table(cfg, steps_per_epoch):
+    """(3, T + 1) float32 table of lr, weight decay and teacher momentum for steps 0..T (T = all steps).
+
+    Precomputed once, as in DINO, so the compiled step reads its hyperparameters from the device
+    by step index: nothing is sent from the host and nothing recompiles from one step to the next.
+    """
+    steps = range(cfg.epochs * steps_per_epoch + 1)
+    return torch.tensor([[f(t, cfg, steps_per_epoch) for t in steps]
+                         for f in (lr_at, weight_decay_at, momentum_at)], dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints: plain types only, written atomically; one loader for train, eval and visualize
 # ------------------------------------------------------------------------------------------------
@@ -535,14 +599,16 @@ def atomic_save(state, path):
 
 
 def save_checkpoint(path, cfg, model, optimizer=None, step=0, epoch=0, extra=None):
-    """Write config, student, teacher, optimizer, step, epoch (+ `extra` plain data) to `path`.
+    """Write config, student, teacher, optimizer state, step, epoch (+ `extra` plain data) to `path`.
+
+    optimizer: the optimizer's state dict (torch.optim's layout), or None.
 
     `model` is the plain SiT module (not a compiled or DDP wrapper), so keys carry no prefixes.
     The file appears whole or not at all: temp file in the same folder, then rename.
     """
     state = dict(format="sit-checkpoint-v1", config=cfg.to_dict(), torch_version=str(torch.__version__),
                  student=model.student.state_dict(), teacher=model.teacher.state_dict(),
-                 optimizer=optimizer.state_dict() if optimizer is not None else None,
+                 optimizer=optimizer,
                  step=int(step), epoch=int(epoch), extra=extra or {})
     atomic_save(state, path)
 

@@ -417,7 +417,7 @@ def test_checkpoint_round_trip(tmp_path):
     opt.step()
     model.update_teacher(0.5)
     path = tmp_path / "run" / "ckpt.pt"
-    sit.save_checkpoint(str(path), cfg, model, opt, step=12, epoch=3, extra=dict(knn=0.5))
+    sit.save_checkpoint(str(path), cfg, model, opt.state_dict(), step=12, epoch=3, extra=dict(knn=0.5))
     raw = torch.load(str(path), weights_only=True)
     assert raw["step"] == 12 and raw["epoch"] == 3 and raw["extra"] == dict(knn=0.5)
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]   # no temp file left behind

@@ -18,7 +18,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -92,71 +91,198 @@ def load_training_data(cfg):
     return train, bank, test
 
 
-def build_optimizer(model, cfg, device):
-    """AdamW; no weight decay on biases, norm weights, CLS token and position embedding."""
-    decay, no_decay = [], []
-    for name, p in model.student.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
-    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-
-
-def set_schedules(opt, step, cfg, steps_per_epoch):
-    """lr and weight decay for this global step (the no-decay group keeps 0)."""
-    lr = sit.lr_at(step, cfg, steps_per_epoch)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.param_groups[0]["weight_decay"] = sit.weight_decay_at(step, cfg, steps_per_epoch)
-    return lr
-
-
 # ------------------------------------------------------------------------------------------------
-# One training step
+# The training step: one function of device tensors, so that torch.compile takes it as one graph
 # ------------------------------------------------------------------------------------------------
 
-def make_inputs(x, cfg, mean, std, gen):
+def make_inputs(x, cfg, mean, std, generator):
     """uint8 batch (B, C, S, S) -> clean, corrupted (2B, 3, H, W) and mask (2B, 1, H, W), on device.
 
     Each view is corrupted on its own, so a block replaced "from another image" never comes from
-    the other view of the same image.
+    the other view of the same image. generator: a torch.Generator or a sit.Uniforms stream.
     """
-    clean = data.two_views(x, cfg.img_size, mean, std, gen)
+    clean = data.two_views(x, cfg.img_size, mean, std, generator)
     corrupted, masks = [], []
     for view in clean.chunk(2):
         c, m = sit.gmml_corrupt(view, cfg.drop_perc, cfg.drop_replace, cfg.drop_align, cfg.drop_type,
-                                cfg.max_block, generator=gen)
+                                cfg.max_block, generator=generator)
         corrupted.append(c)
         masks.append(m)
     return clean, torch.cat(corrupted), torch.cat(masks)
 
 
-def forward_backward(model, clean, corrupted, mask, device):
-    """Loss terms of one step (detached) after backward; bf16 autocast on CUDA, float32 elsewhere."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(clean, corrupted, mask)
-    out["loss"].backward()
-    return torch.stack([out["loss"].detach(), out["loss_recons"].detach(), out["loss_contr"].detach()]).float()
+def decay_groups(model):
+    """Student parameters with weight decay, and without (biases, norm weights, CLS token, positions)."""
+    decay, no_decay = [], []
+    for name, p in model.student.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    return decay, no_decay
 
 
-def train_step(step_fn, sit_model, opt, x, step, cfg, mean, std, gen, steps_per_epoch, device):
-    """One optimisation step at global `step`; returns the (3,) loss terms, still on the device."""
-    lr = set_schedules(opt, step, cfg, steps_per_epoch)
-    clean, corrupted, mask = make_inputs(x, cfg, mean, std, gen)
-    losses = step_fn(clean, corrupted, mask)
-    if cfg.clip_grad > 0:
-        # Differs from the reference code (per-parameter-tensor clipping): one global norm, the
-        # usual choice, keeps the update's direction.
-        torch.nn.utils.clip_grad_norm_(sit_model.student.parameters(), cfg.clip_grad)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sit_model.update_teacher(sit.momentum_at(step, cfg, steps_per_epoch))
-    return losses, lr
+@torch.no_grad()
+def clip_grad_norm_(grads, max_norm):
+    """Scale `grads` in place so that their global L2 norm is at most `max_norm` (no host sync).
+
+    Differs from the reference code (per-parameter-tensor clipping): one global norm, the usual
+    choice, keeps the update's direction.
+    """
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
 
 
-def make_step_fn(model, device, compile_):
-    """forward_backward on the (optionally torch.compile'd) model."""
-    model = torch.compile(model) if compile_ else model
-    return lambda clean, corrupted, mask: forward_backward(model, clean, corrupted, mask, device)
+@torch.no_grad()
+def adamw_(params, grads, exp_avg, exp_avg_sq, decay, t, lr, wd, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW (Loshchilov and Hutter) over lists of tensors; t (steps done), lr, wd may be 0-dim tensors.
+
+    The update of torch.optim.AdamW, written out because torch.optim's step() always breaks the
+    graph. decay: the subset of params that get weight decay.
+    """
+    b1, b2 = betas
+    torch._foreach_mul_(decay, 1 - lr * wd)                          # decoupled weight decay
+    torch._foreach_lerp_(exp_avg, grads, 1 - b1)                     # m <- b1 m + (1 - b1) g
+    torch._foreach_mul_(exp_avg_sq, b2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)  # v <- b2 v + (1 - b2) g^2
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, (1 - b2 ** t).sqrt())                 # sqrt(v / (1 - b2^t))
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avg, denom)
+    torch._foreach_mul_(update, -lr / (1 - b1 ** t))                 # - lr m / (1 - b1^t) / denom
+    torch._foreach_add_(params, update)
+
+
+def all_reduce_mean_(tensors):
+    """Average `tensors` over all processes in place, as one flat all-reduce (what DDP does in buckets)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(f.view_as(t))
+
+
+class Step:
+    """One optimisation step: both views, GMML on both, forward, backward, clipping, AdamW, teacher EMA.
+
+    `update(x, u)` is the whole step as one function of device tensors: the step counter, the
+    schedules (a table indexed by that counter), the optimizer state and the running loss sums live
+    on the device, and every random number comes from `u`, drawn just before from the run's seeded
+    generator. So torch.compile takes it as one graph that never recompiles, the eager and the
+    compiled step compute the same thing, and `--resume` continues either exactly. Calling the
+    Step draws `u` (one kernel) and runs `update`, compiled or not.
+    """
+
+    def __init__(self, model, cfg, mean, std, steps_per_epoch, device, generator, world=1):
+        self.model, self.cfg, self.mean, self.std = model, cfg, mean, std
+        self.device, self.generator, self.world = device, generator, world
+        self.decay, no_decay = decay_groups(model)
+        self.params = self.decay + no_decay                          # torch AdamW's order of groups
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.t = torch.zeros((), dtype=torch.long, device=device)   # steps done (global step)
+        self.schedule = sit.schedule_table(cfg, steps_per_epoch).to(device)  # (3, T + 1) lr, wd, m
+        self.loss_sums = torch.zeros(3, device=device)               # loss, recons, contr since last read
+        self.u, self.x_shape, self.compiled, self.compile_seconds = None, None, False, None
+        self.graph = self.update
+
+    def update(self, x, u):
+        """The whole step on the device, for a uint8 batch x (B, C, S, S) and uniforms u (n,)."""
+        cfg, rng = self.cfg, sit.Uniforms(u)
+        lr, wd, m = self.schedule.index_select(1, self.t.clamp(max=self.schedule.shape[1] - 1).view(1)).view(3)
+        clean, corrupted, mask = make_inputs(x, cfg, self.mean, self.std, rng)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(clean, corrupted, mask, rng)
+        grads = list(torch.autograd.grad(out["loss"], self.params))
+        if self.world > 1:
+            all_reduce_mean_(grads)
+        if cfg.clip_grad > 0:
+            clip_grad_norm_(grads, cfg.clip_grad)
+        self.t.add_(1)
+        adamw_(self.params, grads, self.exp_avg, self.exp_avg_sq, self.decay, self.t, lr, wd)
+        self.model.update_teacher(m)
+        self.loss_sums.add_(torch.stack([out["loss"], out["loss_recons"], out["loss_contr"]]).detach().float())
+
+    def uniforms_per_step(self, x_shape):
+        """How many uniforms one step draws: its random parts run once, counting, on the meta device."""
+        counter = sit.Uniforms()
+        with torch.device("meta"):
+            x = torch.zeros(x_shape, dtype=torch.uint8)
+            _, corrupted, _ = make_inputs(x, self.cfg, self.mean, self.std, counter)
+            sit.SiT(self.cfg).student.backbone(corrupted, counter)  # drop path
+        return counter.used
+
+    def __call__(self, x):
+        """Run one step on batch x: draw its random numbers from the run's generator, then update."""
+        if x.shape != self.x_shape:                                  # first step (or a short batch)
+            self.x_shape = x.shape
+            self.u = torch.empty(self.uniforms_per_step(x.shape), device=self.device)
+            self.mark_static()
+        self.u.uniform_(generator=self.generator)
+        if self.compiled and self.compile_seconds is None:
+            self.compile_seconds = self.compile_first(x)
+        else:
+            self.graph(x, self.u)
+
+    # --- compilation -----------------------------------------------------------------------------
+
+    def compile(self, cuda_graphs=True, backend="inductor"):
+        """torch.compile `update` as one graph (fullgraph), replayed as a CUDA graph on CUDA.
+
+        Under torchrun the gradient all-reduce (and the gathering of teacher keys) splits the graph.
+        """
+        if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+            torch._dynamo.config.trace_autograd_ops = True          # autograd.grad inside the graph
+        self.options = dict(backend=backend)
+        if cuda_graphs and self.device.type == "cuda":
+            self.options["mode"] = "reduce-overhead"
+        self.graph = torch.compile(self.update, fullgraph=self.world == 1, **self.options)
+        self.compiled = True
+
+    def mark_static(self):
+        """Tensors the step mutates keep their addresses, so that a CUDA graph can replay in place."""
+        if self.compiled:
+            for t in [self.t, self.schedule, self.loss_sums, self.u, *self.exp_avg, *self.exp_avg_sq]:
+                torch._dynamo.mark_static_address(t)
+
+    def compile_first(self, x):
+        """The first compiled step: compile (in pieces where this torch cannot take the whole step
+        as one graph), run it; returns the seconds it took."""
+        t0 = time.perf_counter()
+        try:
+            self.graph(x, self.u)
+        except torch._dynamo.exc.Unsupported as e:
+            print(f"train.py: note: this torch cannot compile the whole step as one graph "
+                  f"({str(e).splitlines()[0]}); compiling it in pieces", file=sys.stderr)
+            torch._dynamo.reset()
+            self.graph = torch.compile(self.update, **self.options)
+            self.graph(x, self.u)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    # --- optimizer state in torch.optim.AdamW's layout (so checkpoints stay interchangeable) -----
+
+    def optimizer_state_dict(self):
+        t = self.t.float().cpu()
+        state = {i: dict(step=t.clone(), exp_avg=m, exp_avg_sq=v)
+                 for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq))}
+        n = len(self.decay)
+        groups = [dict(params=list(range(n)), weight_decay=self.cfg.weight_decay),
+                  dict(params=list(range(n, len(self.params))), weight_decay=0.0)]
+        for g in groups:
+            g.update(lr=self.cfg.lr, betas=(0.9, 0.999), eps=1e-8, amsgrad=False)
+        return dict(state=state, param_groups=groups)
+
+    def load_optimizer_state_dict(self, sd, step):
+        if len(sd["state"]) != len(self.params):
+            raise sit.CheckpointError("the checkpoint's optimizer state does not match the model")
+        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
+            m.copy_(sd["state"][i]["exp_avg"])
+            v.copy_(sd["state"][i]["exp_avg_sq"])
+        self.t.fill_(step)
+
+    def read_losses(self):
+        """Sum of (loss, recons, contr) since the last read, as floats (a host sync), then reset."""
+        sums = self.loss_sums.tolist()
+        self.loss_sums.zero_()
+        return sums
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,27 +346,29 @@ class StopFlag:
 # ------------------------------------------------------------------------------------------------
 
 class Trainer:
-    """The state of one run (model, optimizer, generator, data, step) and its epoch loop."""
+    """The state of one run (model, step, generator, data, progress) and its epoch loop."""
 
     def __init__(self, cfg, rank, world, device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.train_set, self.bank, self.test_set = load_training_data(cfg)
         torch.manual_seed(cfg.seed)
         self.model = sit.SiT(cfg).to(device)                       # the plain module (checkpoints)
-        self.opt = build_optimizer(self.model, cfg, device)
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-        self.step, self.epoch = 0, 0
-        if cfg.resume:
-            self.restore(os.path.join(cfg.out, "ckpt.pt"))
-        wrapped = self.model
         if world > 1:
+            for t in self.model.state_dict().values():              # the same start on every rank
+                dist.broadcast(t, src=0)
             if device.type == "cuda":  # heads' batch norm over the global batch (CUDA only in torch)
                 for part in (self.model.student, self.model.teacher):
                     part.head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(part.head)
-            wrapped = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.step_fn = make_step_fn(wrapped, device, cfg.compile)
-        self.images = self.train_set.images.to(device) if self.train_set.images is not None else None
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+        self.train_step = Step(self.model, cfg, self.train_set.mean, self.train_set.std, self.steps_per_epoch,
+                               device, self.gen, world)
+        self.step, self.epoch = 0, 0
+        if cfg.resume:
+            self.restore(os.path.join(cfg.out, "ckpt.pt"))
+        if cfg.compile:
+            self.train_step.compile(cfg.cuda_graphs)
+        self.images = self.train_set.images.to(device) if self.train_set.images is not None else None
         if rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -250,24 +378,27 @@ class Trainer:
     def restore(self, path):
         _, loaded, ckpt = sit.load_checkpoint(path, self.device)
         self.model.load_state_dict(loaded.state_dict())
-        self.opt.load_state_dict(ckpt["optimizer"])
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
-        if self.world == 1:  # augmentation/corruption stream, and the global one (drop path)
-            self.gen.set_state(ckpt["extra"]["generator"].cpu())
-            torch.set_rng_state(ckpt["extra"]["cpu_rng"].cpu())
-            if self.device.type == "cuda":
-                torch.cuda.set_rng_state(ckpt["extra"]["cuda_rng"].cpu(), self.device)
-        else:  # one state per rank is not kept: a fresh, still seeded, stream per rank
+        self.train_step.load_optimizer_state_dict(ckpt["optimizer"], self.step)
+        states = ckpt["extra"].get("generators") or [ckpt["extra"]["generator"]]
+        if len(states) == self.world:  # every rank's augmentation/corruption/drop-path stream
+            self.gen.set_state(states[self.rank].cpu())
+        else:  # another number of processes: a fresh, still seeded, stream per rank
             self.gen.manual_seed(self.cfg.seed + self.rank + 1_000_003 * self.step)
+            print(f"resuming with {self.world} processes a run saved by {len(states)}: the random streams "
+                  f"start afresh (seeded), so the run is not an exact continuation", file=sys.stderr)
         print(f"resuming {self.cfg.out} at epoch {self.epoch}, step {self.step}")
 
     def save(self):
+        """Write ckpt.pt (rank 0), with every rank's generator state (a collective under torchrun)."""
+        states = [self.gen.get_state()]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, self.gen.get_state())
         if self.rank == 0:
-            rng = dict(generator=self.gen.get_state(), cpu_rng=torch.get_rng_state())
-            if self.device.type == "cuda":
-                rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-            sit.save_checkpoint(os.path.join(self.cfg.out, "ckpt.pt"), self.cfg, self.model, self.opt,
-                                self.step, self.epoch, extra=rng)
+            sit.save_checkpoint(os.path.join(self.cfg.out, "ckpt.pt"), self.cfg, self.model,
+                                self.train_step.optimizer_state_dict(), self.step, self.epoch,
+                                extra=dict(generator=states[0], generators=states))
 
     def knn(self):
         """k-NN monitor (rank 0, labelled data only): print and log the teacher's k-NN top-1."""
@@ -299,6 +430,15 @@ class Trainer:
             check_replicas(self.model, self.log)
         return 0
 
+    def advance(self, x):
+        """One training step on the uint8 batch x; the first compiled one says how long compiling took."""
+        first = self.train_step.compile_seconds is None
+        self.train_step(x)
+        self.step += 1
+        if first and self.train_step.compile_seconds is not None and self.rank == 0:
+            tqdm.write(f"compiled the training step in {self.train_step.compile_seconds:.1f} s "
+                       f"({graph_count()} graph(s))")
+
     def run_epoch(self, stop):
         """Train from self.step to the epoch's end; False if a signal stopped it. Syncs only to log."""
         cfg, n = self.cfg, self.steps_per_epoch
@@ -307,39 +447,42 @@ class Trainer:
                                      start, self.rank, self.world, cfg.workers)
         bar = tqdm(total=n, initial=start, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=self.rank != 0, dynamic_ncols=True, leave=False)
-        totals, window = torch.zeros(3, device=self.device), torch.zeros(3, device=self.device)
+        totals, lr = torch.zeros(3, dtype=torch.float64), sit.lr_at(self.step, cfg, n)
         t_epoch, t0, n_window = time.time(), time.time(), 0
         for x in batches:
             if stop.signal is not None:
                 bar.close()
                 return False
-            losses, lr = train_step(self.step_fn, self.model, self.opt, x.to(self.device, non_blocking=True),
-                                    self.step, cfg, self.train_set.mean, self.train_set.std, self.gen, n,
-                                    self.device)
-            totals += losses
-            window += losses
-            self.step, n_window = self.step + 1, n_window + 1
+            self.advance(x.to(self.device, non_blocking=True))
+            n_window += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step % n == 0:
-                loss, recons, contr = (window / n_window).tolist()    # the only host sync
+                sums = torch.tensor(self.train_step.read_losses(), dtype=torch.float64)  # the only host sync
+                totals += sums
+                loss, recons, contr = (sums / n_window).tolist()
                 check_finite(loss, self.step)
                 img_s = n_window * cfg.batch_size / (time.time() - t0)
+                lr = sit.lr_at(self.step - 1, cfg, n)
                 bar.set_postfix_str(f"loss {loss:.4f} rec {recons:.4f} con {contr:.4f} lr {lr:.2e} {img_s:,.0f} img/s")
                 self.log.write(kind="step", step=self.step, epoch=self.step / n, loss=loss, loss_recons=recons,
-                               loss_contr=contr, lr=lr, wd=self.opt.param_groups[0]["weight_decay"],
-                               momentum=sit.momentum_at(self.step, cfg, n), img_s=img_s)
-                window.zero_()
+                               loss_contr=contr, lr=lr, wd=sit.weight_decay_at(self.step - 1, cfg, n),
+                               momentum=sit.momentum_at(self.step - 1, cfg, n), img_s=img_s)
                 t0, n_window = time.time(), 0
         bar.close()
         loss, recons, contr = (totals / max(n - start, 1)).tolist()
-        check_finite(loss, self.step)
         seconds = time.time() - t_epoch
+        img_s = (n - start) * cfg.batch_size / seconds
         if self.rank == 0:
             tqdm.write(f"epoch {self.epoch + 1:4d}/{cfg.epochs}  loss {loss:.4f}  recons {recons:.4f}  "
-                       f"contr {contr:.4f}  lr {lr:.2e}  {seconds:6.1f} s")
+                       f"contr {contr:.4f}  lr {lr:.2e}  {seconds:6.1f} s  {img_s:8,.0f} img/s")
         self.log.write(kind="epoch", step=self.step, epoch=self.epoch + 1, loss=loss, loss_recons=recons,
-                       loss_contr=contr, lr=lr, seconds=seconds)
+                       loss_contr=contr, lr=lr, seconds=seconds, img_s=img_s, graphs=graph_count())
         return True
+
+
+def graph_count():
+    """Graphs torch.compile has made in this process (more than expected means recompiles)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def check_finite(loss, step):
@@ -359,16 +502,18 @@ def check_replicas(sit_model, log):
 
 
 # ------------------------------------------------------------------------------------------------
-# Benchmark: img/s, ms/step and MFU on synthetic data of the configured size
+# Benchmark: the real loop's step on synthetic data of the configured size
 # ------------------------------------------------------------------------------------------------
 
-def count_flops(sit_model, device, cfg, x, mean, std):
+def count_flops(cfg, device, x, mean, std):
     """FLOPs of one forward + backward of the model (torch.utils.flop_counter), inputs excluded."""
     from torch.utils.flop_counter import FlopCounterMode
+    model = sit.SiT(cfg).to(device)
     clean, corrupted, mask = make_inputs(x, cfg, mean, std, torch.Generator(device=device).manual_seed(0))
     with FlopCounterMode(display=False) as counter:
-        forward_backward(sit_model, clean, corrupted, mask, device)
-    sit_model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(clean, corrupted, mask)["loss"]
+        loss.backward()
     return counter.get_total_flops()
 
 
@@ -380,36 +525,44 @@ def sync(device):
 
 
 def bench(cfg, device):
+    """Time cfg.bench steps of the training loop's own step (Trainer.advance) on random images."""
     torch.manual_seed(cfg.seed)
-    sit_model = sit.SiT(cfg).to(device)
-    opt = build_optimizer(sit_model, cfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8,
                            device=device, generator=gen)
     mean, std = data.IMAGENET_STATS
-    flops = count_flops(sit_model, device, cfg, images, mean, std)
-    step_fn = make_step_fn(sit_model, device, cfg.compile)
-    def steps(n):
-        for i in range(n):
-            train_step(step_fn, sit_model, opt, images, 1000 + i, cfg, mean, std, gen, 10_000, device)
-    steps(3 if not cfg.compile else 10)                              # warm-up (and compilation)
-    sync(device)
+    flops = count_flops(cfg, device, images, mean, std)
+    step = Step(sit.SiT(cfg).to(device), cfg, mean, std, 100, device, gen)  # the loop's own step
+    if cfg.compile:
+        step.compile(cfg.cuda_graphs)
     t = time.perf_counter()
-    steps(cfg.bench)
+    for _ in range(3 if not cfg.compile else 10):                    # warm-up (and compilation)
+        step(images)
+    sync(device)
+    warm_s = time.perf_counter() - t
+    cuda = device.type == "cuda"
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    host, t = 0.0, time.perf_counter()
+    for _ in range(cfg.bench):
+        h = time.perf_counter()
+        step(images)
+        host += time.perf_counter() - h
+    if cuda:
+        end.record()
     sync(device)
     step_s = (time.perf_counter() - t) / cfg.bench
-    t = time.perf_counter()
-    for _ in range(cfg.bench):
-        make_inputs(images, cfg, mean, std, gen)
-    sync(device)
-    data_s = (time.perf_counter() - t) / cfg.bench
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    device_ms = start.elapsed_time(end) / cfg.bench if cuda else float("nan")
+    check_finite(step.read_losses()[0], cfg.bench)
+    name = torch.cuda.get_device_name(device) if cuda else device.type
     tflops = flops / step_s / 1e12
     print(f"bench {cfg.model} ({cfg.dim}/{cfg.depth}/{cfg.heads}) P{cfg.patch_size} {cfg.img_size}px "
-          f"batch {cfg.batch_size} {'compiled ' if cfg.compile else ''}on {name}: "
+          f"batch {cfg.batch_size} {'compiled' if cfg.compile else 'eager'} on {name}: "
           f"{cfg.batch_size / step_s:,.0f} img/s, {step_s * 1e3:.1f} ms/step, {tflops:.3g} TFLOP/s, "
-          f"MFU {100 * tflops / cfg.peak_tflops:.3g}% of {cfg.peak_tflops:g}; "
-          f"augmentation + corruption {data_s * 1e3:.1f} ms ({100 * data_s / step_s:.2g}% of a step)")
+          f"MFU {100 * tflops / cfg.peak_tflops:.3g}% of {cfg.peak_tflops:g}; host {host / cfg.bench * 1e3:.2f} "
+          f"ms/step, device {device_ms:.2f} ms/step (CUDA events), {graph_count()} compiled graph(s), "
+          f"warm-up{' and compilation' if cfg.compile else ''} {warm_s:.1f} s")
 
 
 def setup(argv):
@@ -427,7 +580,7 @@ def setup(argv):
         check_run_folder(cfg)
         saved = sit.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))[0]
         # The run's own recipe; only where and how it runs may change.
-        keep = ("device", "compile", "resume", "knn_every", "log_every", "workers", "data_dir", "out")
+        keep = ("device", "compile", "cuda_graphs", "resume", "knn_every", "log_every", "workers", "data_dir", "out")
         cfg = sit.Config.from_dict({**saved.to_dict(), **{k: getattr(cfg, k) for k in keep}})
     return cfg
 
@@ -437,8 +590,12 @@ def main(argv=None):
         try:  # set-up: a mistake in the input is one line on stderr and exit code 2
             cfg = setup(argv)
             if cfg.bench:
-                return bench(cfg, sit.pick_device(cfg.device))
+                device = sit.pick_device(cfg.device)
+                cfg.compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+                torch.set_float32_matmul_precision("high")
+                return bench(cfg, device)
             rank, world, device = init_distributed(cfg)
+            cfg.compile = device.type == "cuda" if cfg.compile is None else cfg.compile
             if rank == 0:
                 check_run_folder(cfg)
             torch.set_float32_matmul_precision("high")
