@@ -372,10 +372,64 @@ def load_labelled(args, train):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                         # one line, no usage block
-        sys.exit(f"{self.prog}: error: {message}")
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
-def parse_args(argv):
+def allowed(lo, hi=math.inf, open_lo=False, open_hi=False, kind="a number"):
+    """(test, description) of a finite number from lo to hi, each end closed unless open_*."""
+    def ok(v):
+        return math.isfinite(v) and (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
+    if hi == math.inf:
+        return ok, f"{kind} {'>' if open_lo else '>='} {lo}"
+    return ok, f"{kind} in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
+
+
+INT = "an integer"
+FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
+    "--dataset": (lambda v: v in data.DATASETS or os.path.isdir(v),
+                  f"one of {', '.join(data.DATASETS)}, or a folder of images"),
+    "--data-dir": (lambda v: v != "", "a folder (not empty)"),
+    "--limit": allowed(0, kind=INT),
+    "--seed": allowed(0, 2**32 - 1, kind=INT),
+    "--results": (lambda v: v != "" and not os.path.isdir(v), "a file to append to (not a folder)"),
+    "--k": allowed(1, kind=INT),
+    "--probe-steps": allowed(1, kind=INT),
+    "--shots": (lambda v: all(s.strip().isascii() and s.strip().isdigit() and int(s) >= 1 for s in v.split(",")),
+                "comma-separated integers >= 1"),
+    "--seeds": allowed(1, kind=INT),
+    "--fewshot-wd": allowed(0),
+    "--epochs": allowed(1, kind=INT),
+    "--batch-size": allowed(1, kind=INT),
+    "--lr": allowed(0, open_lo=True),
+    "--min-lr": allowed(0),
+    "--warmup-epochs": allowed(0),
+    "--weight-decay": allowed(0),
+    "--layer-decay": allowed(0, 1, open_lo=True),
+    "--drop-path": allowed(0, 1, open_hi=True),
+    "--crop-min": allowed(0, 1, open_lo=True),
+    "--randaug-n": allowed(0, kind=INT),
+    "--randaug-m": allowed(0, 10),
+    "--randaug-mstd": allowed(0),
+    "--reprob": allowed(0, 1),
+    "--mixup": allowed(0),
+    "--cutmix": allowed(0),
+    "--mixup-prob": allowed(0, 1),
+    "--mixup-switch-prob": allowed(0, 1),
+    "--smoothing": allowed(0, 1),
+}
+
+
+def check_flags(parser, args, flags):
+    """parser.error, naming the flag, its value and what is allowed, for the first value not allowed."""
+    for flag, (ok, text) in flags.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not ok(value):
+            parser.error(f"{flag} {value:g}: must be {text}" if isinstance(value, float)
+                         else f"{flag} {value}: must be {text}")
+
+
+def make_parser():
     p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py")
@@ -420,13 +474,16 @@ def parse_args(argv):
     p.add_argument("--mixup-switch-prob", type=float, default=0.5, help="finetune: probability of CutMix when "
                    "both are on")
     p.add_argument("--smoothing", type=float, default=0.1, help="finetune: label smoothing")
+    return p
+
+
+def parse_args(argv):
+    p = make_parser()
     args = p.parse_args(argv)
-    try:
-        args.shots = [int(s) for s in args.shots.split(",")]
-    except ValueError:
-        p.error(f"--shots must be comma-separated integers, got {args.shots!r}")
+    check_flags(p, args, FLAGS)
+    args.shots = [int(s) for s in args.shots.split(",")]
     if args.raw_pixels and args.mode == "finetune":
-        p.error("--raw-pixels is a frozen-feature baseline (knn, linear, fewshot), not for finetune")
+        p.error("--raw-pixels: a frozen-feature baseline (knn, linear, fewshot), not for --mode finetune")
     if args.layer_decay is None:   # a random encoder has no pretrained lower layers to protect
         args.layer_decay = 1.0 if args.random_init else 0.75
     args.results = args.results or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results.jsonl")

@@ -274,8 +274,6 @@ def run_name(path):
 
 def image_figure(args):
     """The reconstruction or attention figure of args.ckpt: (Figure, default file name)."""
-    if args.n < 1:
-        raise ValueError("--n must be at least 1")
     device = sit.pick_device(args.device)
     cfg, model, ckpt = sit.load_checkpoint(args.ckpt)                # on the CPU, then moved
     model.to(device).eval()
@@ -309,13 +307,42 @@ def make_figure(args):
     return out
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="visualize.py", description=__doc__.split("\n\n")[0])
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                                         # one line, no usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+MAX_N = 256   # images per figure: wider figures pass what matplotlib's Agg can draw (2^16 px)
+FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
+    "--n": (lambda v: 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]"),
+    "--seed": (lambda v: 0 <= v < 2**32, f"an integer in [0, {2**32 - 1}]"),
+    "--drop-perc": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),             # NaN fails both
+    "--dataset": (lambda v: v in data.DATASETS or os.path.isdir(v),
+                  f"one of {', '.join(data.DATASETS)}, or a folder of images"),
+    "--data-dir": (lambda v: v != "", "a folder (not empty)"),
+    "--images": (os.path.isdir, "an existing folder of images"),
+    "--log": (os.path.isfile, "an existing log.jsonl file"),
+    "--out": (lambda v: v != "" and not os.path.isdir(v), "a PNG file path (not a folder)"),
+}
+
+
+def check_flags(parser, args, flags):
+    """parser.error, naming the flag, its value and what is allowed, for the first value not allowed."""
+    for flag, (ok, text) in flags.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not ok(value):
+            parser.error(f"{flag} {value:g}: must be {text}" if isinstance(value, float)
+                         else f"{flag} {value}: must be {text}")
+
+
+def make_parser():
+    p = Parser(prog="visualize.py", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="checkpoint written by train.py (holds its Config)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--attention", action="store_true", help="CLS attention maps instead of reconstructions")
     what.add_argument("--curves", action="store_true", help="training curves from the run's log.jsonl")
-    p.add_argument("--n", type=int, default=8, help="number of images (default: 8)")
+    p.add_argument("--n", type=int, default=8, help=f"number of images, 1..{MAX_N} (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the GMML corruption (default: 0)")
     p.add_argument("--drop-perc", type=float, help="override the checkpoint's drop_perc (share corrupted, 0..1)")
     p.add_argument("--drop-type", choices=("noise", "zeros"), help="override the checkpoint's drop_type")
@@ -323,9 +350,17 @@ def parse_args(argv):
     p.add_argument("--data-dir", help="where datasets are read/downloaded (default: the checkpoint's)")
     p.add_argument("--images", metavar="DIR", help="your own images (resized and centre-cropped to img_size)")
     p.add_argument("--log", metavar="FILE", help="training log for --curves (default: <ckpt folder>/log.jsonl)")
-    p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu (default: auto: cuda, then mps, then cpu)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                   help="auto | cuda | mps | cpu (default: auto: cuda, then mps, then cpu)")
     p.add_argument("--out", help="PNG path (default: <ckpt folder>/reconstructions.png, attention.png, curves.png)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    p = make_parser()
+    args = p.parse_args(argv)
+    check_flags(p, args, FLAGS)
+    return args
 
 
 def main(argv=None):
