@@ -173,11 +173,95 @@ def test_torchrun_two_gloo_processes_keep_replicas_identical(tmp_path):
     assert sit.load_checkpoint(os.path.join(out, "ckpt.pt"))[2]["step"] == 4
 
 
+def tiny_step(compile_=False, seed=1):
+    cfg = sit.Config(model="tiny", dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64,
+                     proj_dim=16, epochs=2, warmup_epochs=1, batch_size=16)
+    torch.manual_seed(0)
+    model = sit.SiT(cfg)
+    step = train.Step(model, cfg, *data.STATS["synthetic"], 4, torch.device("cpu"),
+                      torch.Generator().manual_seed(seed))
+    if compile_:
+        step.compile(backend="aot_eager")  # the traced graph, without inductor's (slow on CPU) codegen
+    return step, model
+
+
+def test_whole_step_is_one_graph_and_matches_eager():
+    """torch.compile(fullgraph=True) takes the whole step (views, GMML on both, forward, backward,
+    clipping, AdamW, teacher EMA) as one graph, and compiled steps compute what eager ones do: the
+    same random numbers, losses and weights (to float32 rounding)."""
+    torch._dynamo.reset()
+    images = data.synthetic(train=True, n=64).images
+    (eager, m_eager), (compiled, m_compiled) = tiny_step(), tiny_step(compile_=True)
+    before = train.graph_count()
+    for i in range(4):
+        x = images[16 * i:16 * (i + 1)]
+        eager(x)
+        compiled(x)
+        a, b = eager.read_losses(), compiled.read_losses()
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6), (i, a, b)
+    assert train.graph_count() - before == 1                         # one graph, no break, no recompile
+    assert int(compiled.t) == 4 and compiled.compile_seconds > 0
+    for (name, p), q in zip(m_eager.state_dict().items(), m_compiled.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), rtol=1e-4, atol=1e-6), name
+    assert not torch.equal(m_eager.teacher.head.net[0].weight, tiny_step()[1].teacher.head.net[0].weight)
+
+
+def test_uniforms_stream_and_count():
+    """Uniforms hands out its buffer in order; without one it counts; one step uses exactly the
+    uniforms that uniforms_per_step counted, and the same generator seed gives the same step."""
+    rng = sit.Uniforms(torch.arange(10.0))
+    assert rng.take((2, 2), "cpu").tolist() == [[0, 1], [2, 3]] and rng.take((3,), "cpu").tolist() == [4, 5, 6]
+    counter = sit.Uniforms()
+    assert counter.take((4, 5), "cpu").shape == (4, 5) and counter.used == 20
+    z = sit.normal((20000,), torch.Generator().manual_seed(0), "cpu")
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03 and torch.isfinite(z).all()
+    images = data.synthetic(train=True, n=16).images
+    a, b, c = tiny_step(seed=1)[0], tiny_step(seed=1)[0], tiny_step(seed=2)[0]
+    for s in (a, b, c):
+        s(images)                                   # Step.update asserts the count is exact
+    assert a.u.numel() == a.uniforms_per_step(images.shape) > 16 * 2 * 3 * 16 * 16  # incl. noise fill
+    assert torch.equal(a.u, b.u) and not torch.equal(a.u, c.u)
+    assert a.read_losses() == b.read_losses()
+
+
+def test_adamw_matches_torch():
+    """The written-out AdamW (tensor lr, wd and step) makes the same updates as torch.optim.AdamW."""
+    g = torch.Generator().manual_seed(0)
+    p1 = [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
+    p2 = [p.clone().requires_grad_() for p in p1]
+    opt = torch.optim.AdamW([dict(params=[p2[0]]), dict(params=[p2[1]], weight_decay=0.0)], lr=0.01,
+                            weight_decay=0.05)
+    m, v = [torch.zeros_like(p) for p in p1], [torch.zeros_like(p) for p in p1]
+    for t in range(1, 4):
+        grads = [torch.randn(p.shape, generator=g) for p in p1]
+        train.adamw_(p1, grads, m, v, [p1[0]], torch.tensor(t), torch.tensor(0.01), torch.tensor(0.05))
+        for p, gr in zip(p2, grads):
+            p.grad = gr.clone()
+        opt.step()
+    for a, b in zip(p1, p2):
+        assert torch.allclose(a, b.detach(), atol=1e-6)
+
+
+def test_clip_grad_norm_matches_torch():
+    """Global-norm clipping scales all gradients by one factor, as torch.nn.utils.clip_grad_norm_."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(7, generator=g) * 3, torch.randn(2, 2, generator=g)]
+    ref = [x.clone().requires_grad_() for x in grads]
+    for r, x in zip(ref, grads):
+        r.grad = x.clone()
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    train.clip_grad_norm_(grads, 1.0)
+    for a, r in zip(grads, ref):
+        assert torch.allclose(a, r.grad, atol=1e-6)
+    assert torch.linalg.vector_norm(torch.cat([a.flatten() for a in grads])) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_bench_prints_one_line(capsys):
     """--bench times training steps on synthetic data and reports img/s, ms/step and MFU."""
     train.main(TINY + ["--bench", "2", "--batch-size", "16"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "img/s" in line and "ms/step" in line and "MFU" in line
+    for part in ("img/s", "ms/step", "MFU", "host", "device", "graph"):
+        assert part in line, part
 
 
 # --- bad input: one line on stderr, non-zero exit, nothing overwritten --------------------------

@@ -199,6 +199,7 @@ class Step:
         adamw_(self.params, grads, self.exp_avg, self.exp_avg_sq, self.decay, self.t, lr, wd)
         self.model.update_teacher(m)
         self.loss_sums.add_(torch.stack([out["loss"], out["loss_recons"], out["loss_contr"]]).detach().float())
+        assert rng.used == u.numel(), "uniforms_per_step no longer counts what the step draws"
 
     def uniforms_per_step(self, x_shape):
         """How many uniforms one step draws: its random parts run once, counting, on the meta device."""
