@@ -420,12 +420,6 @@ RAND_AUGMENT_OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize",
                     "translate_y")   # timm's increasing-magnitude list, in its order
 
 
-def standard_normal(n, generator, device):
-    """n draws of N(0, 1) from `rand` uniforms (inverse CDF, |z| < 5.3), whatever `generator` is."""
-    u = rand(n, generator, device, 1e-7, 1 - 1e-7)
-    return math.sqrt(2) * torch.erfinv(2 * u - 1)
-
-
 def affine_ops(x, pick, signed, fill):
     """Rotate (30 deg), shear x / y (0.3) and translate x / y (0.45 of the side), times `signed`.
 
@@ -526,7 +520,7 @@ def rand_augment(x, generator, n=2, magnitude=9.0, magnitude_std=0.5, p=0.5, fil
     for _ in range(n):
         pick = (rand(B, generator, dev) * K).long().clamp(max=K - 1)
         pick = torch.where(rand(B, generator, dev) < p, pick, -1)   # -1: this image skips the op
-        level = (magnitude + magnitude_std * standard_normal(B, generator, dev)).clamp(0, 10) / 10
+        level = (magnitude + magnitude_std * sit.normal((B,), generator, dev)).clamp(0, 10) / 10
         signed = level * torch.where(rand(B, generator, dev) < 0.5, -1.0, 1.0)
         x = colour_ops(affine_ops(x, pick, signed, fill), pick, level, signed)
     return x
@@ -550,7 +544,7 @@ def random_erasing(x, generator, p=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.
     on = (rand(B, generator, dev) < p).view(B, 1, 1)
     ys, xs = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
     box = on & (ys >= top) & (ys < top + h.view(B, 1, 1)) & (xs >= left) & (xs < left + w.view(B, 1, 1))
-    noise = standard_normal(B * C * H * W, generator, dev).view(B, C, H, W).to(x.dtype)
+    noise = sit.normal((B, C, H, W), generator, dev).to(x.dtype)
     return torch.where(box.unsqueeze(1), noise, x)                   # (B, 1, H, W) box, per channel
 
 

@@ -339,9 +339,12 @@ def test_finetune_view_shapes_switches_and_seed():
     assert torch.equal(plain, crop)
 
 
-def test_standard_normal_moments():
-    z = data.standard_normal(200_000, gen(), "cpu")
+def test_normal_from_either_source():
+    """sit.normal (RandAugment's magnitudes, random erasing's noise) is N(0, 1), and the same numbers
+    from a torch.Generator as from a Uniforms stream of that generator's uniforms."""
+    z = sit.normal((200_000,), gen(), "cpu")
     assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01 and z.abs().max() < 5.5
+    assert torch.equal(sit.normal((200_000,), sit.Uniforms(torch.rand(200_000, generator=gen())), "cpu"), z)
 
 
 # ------------------------------------------------------------------------------------------------
