@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import data
 import sit
+from sit import INT, allowed
 
 MODES = ("knn", "linear", "fewshot", "finetune")
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # linear probe grid: lambda of lambda/2 |W|^2
@@ -376,19 +377,8 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def allowed(lo, hi=math.inf, open_lo=False, open_hi=False, kind="a number"):
-    """(test, description) of a finite number from lo to hi, each end closed unless open_*."""
-    def ok(v):
-        return math.isfinite(v) and (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
-    if hi == math.inf:
-        return ok, f"{kind} {'>' if open_lo else '>='} {lo}"
-    return ok, f"{kind} in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
-
-
-INT = "an integer"
 FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
-    "--dataset": (lambda v: v in data.DATASETS or os.path.isdir(v),
-                  f"one of {', '.join(data.DATASETS)}, or a folder of images"),
+    "--dataset": data.DATASET_RULE,
     "--data-dir": (lambda v: v != "", "a folder (not empty)"),
     "--limit": allowed(0, kind=INT),
     "--seed": allowed(0, 2**32 - 1, kind=INT),
@@ -418,15 +408,6 @@ FLAGS = {  # flag: (valid when, what is allowed); every value of the command lin
     "--mixup-switch-prob": allowed(0, 1),
     "--smoothing": allowed(0, 1),
 }
-
-
-def check_flags(parser, args, flags):
-    """parser.error, naming the flag, its value and what is allowed, for the first value not allowed."""
-    for flag, (ok, text) in flags.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None and not ok(value):
-            parser.error(f"{flag} {value:g}: must be {text}" if isinstance(value, float)
-                         else f"{flag} {value}: must be {text}")
 
 
 def make_parser():
@@ -480,7 +461,7 @@ def make_parser():
 def parse_args(argv):
     p = make_parser()
     args = p.parse_args(argv)
-    check_flags(p, args, FLAGS)
+    sit.check_flags(p, args, FLAGS)
     args.shots = [int(s) for s in args.shots.split(",")]
     if args.raw_pixels and args.mode == "finetune":
         p.error("--raw-pixels: a frozen-feature baseline (knn, linear, fewshot), not for --mode finetune")

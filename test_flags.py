@@ -144,6 +144,14 @@ def test_good_edge_values_pass_the_checks(ckpt):
     assert args.n == 256
 
 
+def test_bounds_and_values_are_written_in_full(ckpt, capsys):
+    """An integer bound or value as typed (not 4.29497e+09); a float value as :g writes it."""
+    err = refused(visualize, "visualize.py", [str(ckpt), "--seed", "4294967296"], ckpt, capsys)
+    assert err == "visualize.py: error: --seed 4294967296: must be an integer in [0, 4294967295]\n"
+    err = refused(ev, "eval.py", [str(ckpt), "--mode", "knn", "--lr=-1e-4"], ckpt, capsys)
+    assert err == "eval.py: error: --lr -0.0001: must be a number > 0\n"
+
+
 @pytest.mark.parametrize("script,argv", [("eval.py", ["--mode", "knn", "--k", "0"]),
                                          ("visualize.py", ["--n", "0"])])
 def test_command_line_exit_status_is_2(script, argv, ckpt):

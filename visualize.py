@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 import data
 import sit
+from sit import INT, allowed
 
 CELL, GAP = 1.2, 0.03       # inches per image panel, and the white margin inside it
 LABEL, TOP, PAD = 1.15, 0.5, 0.08   # inches: left of the grid (row labels), above (title), right/below
@@ -315,25 +316,15 @@ class Parser(argparse.ArgumentParser):
 
 MAX_N = 256   # images per figure: wider figures pass what matplotlib's Agg can draw (2^16 px)
 FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
-    "--n": (lambda v: 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]"),
-    "--seed": (lambda v: 0 <= v < 2**32, f"an integer in [0, {2**32 - 1}]"),
-    "--drop-perc": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),             # NaN fails both
-    "--dataset": (lambda v: v in data.DATASETS or os.path.isdir(v),
-                  f"one of {', '.join(data.DATASETS)}, or a folder of images"),
+    "--n": allowed(1, MAX_N, kind=INT),
+    "--seed": allowed(0, 2**32 - 1, kind=INT),
+    "--drop-perc": allowed(0, 1),
+    "--dataset": data.DATASET_RULE,
     "--data-dir": (lambda v: v != "", "a folder (not empty)"),
     "--images": (os.path.isdir, "an existing folder of images"),
     "--log": (os.path.isfile, "an existing log.jsonl file"),
     "--out": (lambda v: v != "" and not os.path.isdir(v), "a PNG file path (not a folder)"),
 }
-
-
-def check_flags(parser, args, flags):
-    """parser.error, naming the flag, its value and what is allowed, for the first value not allowed."""
-    for flag, (ok, text) in flags.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None and not ok(value):
-            parser.error(f"{flag} {value:g}: must be {text}" if isinstance(value, float)
-                         else f"{flag} {value}: must be {text}")
 
 
 def make_parser():
@@ -359,7 +350,7 @@ def make_parser():
 def parse_args(argv):
     p = make_parser()
     args = p.parse_args(argv)
-    check_flags(p, args, FLAGS)
+    sit.check_flags(p, args, FLAGS)
     return args
 
 
