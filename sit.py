@@ -69,64 +69,78 @@ def check_flags(parser, args, flags):
             parser.error(problem)
 
 
-def _f(default, help):
-    """A Config field whose one-line comment is also its --help text."""
-    return field(default=default, metadata={"help": help})
+def _f(default, help, rule=ANY):
+    """A Config field: its --help text and the rule its value must follow (see `allowed`)."""
+    return field(default=default, metadata={"help": help, "rule": rule})
 
 
 @dataclass
 class Config:
     # --- model (ViT backbone, decoder, projection head) ---
-    model: str = _f("small", "ViT preset: tiny | small | base (D/depth/h 192/12/3, 384/12/6, 768/12/12)")
-    dim: int = _f(0, "D, token width; 0 = from --model")
-    depth: int = _f(0, "number of transformer blocks; 0 = from --model")
-    heads: int = _f(0, "h, attention heads; 0 = from --model")
-    mlp_ratio: float = _f(4.0, "MLP hidden width as a multiple of D")
-    img_size: int = _f(32, "H = W, training image side in pixels")
-    patch_size: int = _f(4, "P, patch side in pixels (H must be a multiple)")
-    in_chans: int = _f(3, "C, image channels")
-    drop_path: float = _f(0.1, "student stochastic depth rate at the last block (linear in depth)")
-    proj_hidden: int = _f(4096, "projection head hidden width")
-    proj_dim: int = _f(256, "projection head output width (contrastive embedding)")
+    model: str = _f("small", "ViT preset: tiny | small | base (D/depth/h 192/12/3, 384/12/6, 768/12/12)",
+        one_of(*MODEL_PRESETS))
+    dim: int = _f(0, "D, token width; 0 = from --model", allowed(0, kind=INT))
+    depth: int = _f(0, "number of transformer blocks; 0 = from --model", allowed(0, kind=INT))
+    heads: int = _f(0, "h, attention heads; 0 = from --model", allowed(0, kind=INT))
+    mlp_ratio: float = _f(4.0, "MLP hidden width as a multiple of D", allowed(0, 64, open_lo=True))
+    img_size: int = _f(32, "H = W, training image side in pixels", allowed(1, kind=INT))
+    patch_size: int = _f(4, "P, patch side in pixels (H must be a multiple)", allowed(1, kind=INT))
+    in_chans: int = _f(3, "C, image channels", ((lambda v: v == 3), "3 (gray images are repeated to 3 channels)"))
+    drop_path: float = _f(0.1, "student stochastic depth rate at the last block (linear in depth)",
+        allowed(0, 1, open_hi=True))
+    proj_hidden: int = _f(4096, "projection head hidden width", allowed(1, kind=INT))
+    proj_dim: int = _f(256, "projection head output width (contrastive embedding)", allowed(1, kind=INT))
     # --- GMML corruption ---
-    drop_perc: float = _f(0.5, "p: share of each view corrupted ~ U(min(0.5, p), p), in [0, 1]")
-    drop_replace: float = _f(0.3, "share replaced by another image of the batch, when that fill is drawn (p = 1/2)")
-    drop_align: int = _f(0, "grid for block corners and sides in pixels; 0 = patch size (groups of tokens)")
-    drop_type: str = _f("noise", "fill of corrupted blocks: noise (N(0,1), normalised) | zeros (mean colour)")
-    max_block: float = _f(0.3, "largest block side as a share of the image side")
+    drop_perc: float = _f(0.5, "p: share of each view corrupted ~ U(min(0.5, p), p), in [0, 1]", allowed(0, 1))
+    drop_replace: float = _f(0.3, "share replaced by another image of the batch, when that fill is drawn (p = 1/2)",
+        allowed(0, 1))
+    drop_align: int = _f(0, "grid for block corners and sides in pixels; 0 = patch size (groups of tokens)",
+        allowed(0, kind=INT))
+    drop_type: str = _f("noise", "fill of corrupted blocks: noise (N(0,1), normalised) | zeros (mean colour)",
+        one_of("noise", "zeros"))
+    max_block: float = _f(0.3, "largest block side as a share of the image side", allowed(0, 1, open_lo=True))
     # --- losses ---
-    alpha: float = _f(5.0, "alpha: weight of L_recons in L_total = alpha L_recons + L_contr")
-    tau: float = _f(0.2, "tau: InfoNCE temperature")
+    alpha: float = _f(5.0, "alpha: weight of L_recons in L_total = alpha L_recons + L_contr", allowed(0))
+    tau: float = _f(0.2, "tau: InfoNCE temperature", allowed(0, open_lo=True))
     # --- optimisation ---
-    epochs: int = _f(100, "pretraining epochs (the paper runs 800 on small datasets)")
-    batch_size: int = _f(256, "images per step, summed over all GPUs")
-    lr: float = _f(5e-4, "peak learning rate per 256 images (scaled by batch/256)")
-    min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
-    warmup_epochs: float = _f(10, "epochs of linear learning-rate warm-up")
-    weight_decay: float = _f(0.04, "AdamW weight decay at the start (cosine to --weight-decay-end)")
-    weight_decay_end: float = _f(0.1, "AdamW weight decay at the end")
-    momentum_teacher: float = _f(0.996, "teacher EMA momentum at the start (cosine to 1)")
-    clip_grad: float = _f(3.0, "global gradient-norm clipping; 0 = off")
+    epochs: int = _f(100, "pretraining epochs (the paper runs 800 on small datasets)", allowed(1, kind=INT))
+    batch_size: int = _f(256, "images per step, summed over all GPUs", allowed(2, kind=INT))
+    lr: float = _f(5e-4, "peak learning rate per 256 images (scaled by batch/256)", allowed(0, open_lo=True))
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine", allowed(0))
+    warmup_epochs: float = _f(10, "epochs of linear learning-rate warm-up", allowed(0))
+    weight_decay: float = _f(0.04, "AdamW weight decay at the start (cosine to --weight-decay-end)", allowed(0))
+    weight_decay_end: float = _f(0.1, "AdamW weight decay at the end", allowed(0))
+    momentum_teacher: float = _f(0.996, "teacher EMA momentum at the start (cosine to 1)", allowed(0, 1))
+    clip_grad: float = _f(3.0, "global gradient-norm clipping; 0 = off", allowed(0))
     # --- data ---
     dataset: str = _f("cifar10", "dataset name, or a folder of images (see data.py)")
-    data_dir: str = _f("./data", "where datasets are downloaded / read")
-    limit: int = _f(0, "use only the first N training images; 0 = all")
-    workers: int = _f(4, "DataLoader workers, only for datasets too large to hold on the device")
+    data_dir: str = _f("./data", "where datasets are downloaded / read", ((lambda v: v != ""), "a folder (not empty)"))
+    limit: int = _f(0, "use only the first N training images; 0 = all", allowed(0, kind=INT))
+    workers: int = _f(4, "DataLoader workers, only for datasets too large to hold on the device", allowed(0, kind=INT))
     # --- system ---
     out: str = _f("", "run folder; empty = runs/<dataset>")
-    device: str = _f("auto", "auto | cuda | mps | cpu (auto: cuda, then mps, then cpu)")
+    device: str = _f("auto", "auto | cuda | mps | cpu (auto: cuda, then mps, then cpu)",
+        ((lambda v: v.split(":")[0] in ("auto", "cuda", "mps", "cpu")), "auto, cuda, mps or cpu"))
     compile: bool = _f(None, "torch.compile the whole training step into one graph (default: on with CUDA, off elsewhere)")
     cuda_graphs: bool = _f(True, "with --compile on CUDA: replay the step as a CUDA graph (mode reduce-overhead)")
     resume: bool = _f(False, "continue the run in --out from its ckpt.pt")
-    knn_every: int = _f(10, "k-NN monitor every N epochs (also at step 0 and at the end); 0 = only the end")
-    log_every: int = _f(50, "steps between progress-bar/log.jsonl updates")
-    bench: int = _f(0, "if > 0: time this many steps on synthetic data, print img/s and MFU, exit")
-    peak_tflops: float = _f(989.0, "accelerator peak TFLOP/s for MFU (989 = H100 bf16 dense)")
-    seed: int = _f(0, "random seed (data order, augmentation, corruption, init)")
+    save_every: float = _f(10.0, "minutes between checkpoints within an epoch (besides each epoch end); 0 = epoch "
+                           "ends only", allowed(0))
+    time_budget: float = _f(0.0, "minutes of pretraining: the run sets --epochs from its measured speed and ends "
+                            "on time; 0 = off", allowed(0))
+    knn_every: int = _f(10, "k-NN monitor every N epochs (also at step 0 and at the end); 0 = only the end",
+        allowed(0, kind=INT))
+    log_every: int = _f(50, "steps between progress-bar/log.jsonl updates", allowed(1, kind=INT))
+    bench: int = _f(0, "if > 0: time this many steps on synthetic data, print img/s and MFU, exit",
+        allowed(0, kind=INT))
+    peak_tflops: float = _f(989.0, "accelerator peak TFLOP/s for MFU (989 = H100 bf16 dense)", allowed(0, open_lo=True))
+    seed: int = _f(0, "random seed (data order, augmentation, corruption, init)", allowed(0, 2**32 - 1, kind=INT))
 
     def __post_init__(self):
-        if self.model not in MODEL_PRESETS:
-            raise ValueError(f"unknown --model {self.model!r}; choose from {', '.join(MODEL_PRESETS)}")
+        for f in dataclasses.fields(self):                           # each value within its rule
+            problem = bad_value("--" + f.name.replace("_", "-"), getattr(self, f.name), f.metadata["rule"])
+            if problem:
+                raise ValueError(problem)
         D, depth, h = MODEL_PRESETS[self.model]
         self.dim, self.depth, self.heads = self.dim or D, self.depth or depth, self.heads or h
         self.drop_align = self.drop_align or self.patch_size
@@ -134,10 +148,6 @@ class Config:
             raise ValueError(f"--img-size {self.img_size} is not a multiple of --patch-size {self.patch_size}")
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} is not a multiple of --heads {self.heads}")
-        if self.drop_type not in ("noise", "zeros"):
-            raise ValueError(f"unknown --drop-type {self.drop_type!r}; choose from noise, zeros")
-        if not (0 <= self.drop_perc <= 1 and 0 <= self.drop_replace <= 1):
-            raise ValueError("--drop-perc and --drop-replace must lie in [0, 1]")
 
     def to_dict(self):
         return dataclasses.asdict(self)

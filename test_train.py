@@ -271,7 +271,7 @@ def test_bench_prints_one_line(capsys):
     (["--dataset", "/nonexistent/folder/x"], "no such folder"),
     (["--dataset", "synthetic", "--img-size", "18"], "not a multiple"),
     (["--dataset", "synthetic", "--batch-size", "4096"], "larger than the dataset"),
-    (["--dataset", "synthetic", "--epochs", "0"], "must be positive"),
+    (["--dataset", "synthetic", "--epochs", "0"], "--epochs 0: must be an integer >= 1"),
     (["--dataset", "synthetic", "--resume"], "no checkpoint to resume"),
 ])
 def test_bad_input_one_line_error(args, message, tmp_path, capsys):

@@ -60,12 +60,20 @@ def init_distributed(cfg):
 
 
 def check_run_folder(cfg):
-    """The run folder must be new, or hold this run's checkpoint when resuming."""
+    """A new run needs a folder without a checkpoint; --resume needs one. A folder with a config
+    but no checkpoint holds a run that never saved anything: it starts afresh, with or without
+    --resume (sets cfg.resume accordingly)."""
     ckpt = os.path.join(cfg.out, "ckpt.pt")
-    if cfg.resume and not os.path.isfile(ckpt):
+    if os.path.isfile(ckpt):
+        if not cfg.resume:
+            raise RunError(f"{cfg.out} already holds a run; add --resume to continue it or choose another --out")
+        return
+    if os.path.exists(os.path.join(cfg.out, "config.json")):
+        print(f"train.py: note: {cfg.out} holds a run that never saved a checkpoint; starting it afresh",
+              file=sys.stderr)
+        cfg.resume = False
+    elif cfg.resume:
         raise RunError(f"--resume: no checkpoint to resume at {ckpt}")
-    if not cfg.resume and any(os.path.exists(os.path.join(cfg.out, f)) for f in ("ckpt.pt", "config.json")):
-        raise RunError(f"{cfg.out} already holds a run; add --resume to continue it or choose another --out")
 
 
 def load_training_data(cfg):
@@ -279,6 +287,18 @@ class Step:
             v.copy_(sd["state"][i]["exp_avg_sq"])
         self.t.fill_(step)
 
+    def set_schedule(self, table):
+        """New schedules (a shorter run): written into the same tensor, so nothing recompiles."""
+        T = table.shape[1]
+        if T > self.schedule.shape[1]:
+            raise ValueError("a new schedule may only be shorter")
+        self.schedule[:, :T] = table.to(self.device)
+        self.schedule[:, T:] = table[:, -1:].to(self.device)
+
+    def peek_loss(self):
+        """The loss summed since the last read, without resetting it (a host sync)."""
+        return self.loss_sums[0].item()
+
     def read_losses(self):
         """Sum of (loss, recons, contr) since the last read, as floats (a host sync), then reset."""
         sums = self.loss_sums.tolist()
@@ -298,13 +318,21 @@ def knn_monitor(sit_model, bank, test, cfg):
     return knn_accuracy(f_train, bank.labels, f_test, test.labels, test.num_classes)
 
 
+def write_json(path, obj):
+    """Write `obj` as JSON so that `path` appears whole or not at all."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 class Log:
     """log.jsonl in the run folder: one JSON object per log step and per epoch (rank 0 only)."""
 
-    def __init__(self, path, enabled, keep_until_step=None):
+    def __init__(self, path, enabled, keep_until_step=-1):
         self.path, self.enabled = path, enabled
-        if enabled and keep_until_step is not None and os.path.exists(path):
-            # Resuming: drop lines of steps the resumed run will do again.
+        if enabled and os.path.exists(path):
+            # Resuming: drop lines of steps the resumed run will do again (a fresh start: all).
             with open(path) as f:
                 lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= keep_until_step]
             with open(path + ".tmp", "w") as f:
@@ -365,16 +393,16 @@ class Trainer:
         self.train_step = Step(self.model, cfg, self.train_set.mean, self.train_set.std, self.steps_per_epoch,
                                device, self.gen, world)
         self.step, self.epoch = 0, 0
+        self.budget_pending, self.budget_mark = bool(cfg.time_budget) and not cfg.resume, None
+        self.saved_at, self.monitor_seconds, self.started = time.time(), 0.0, time.time()
         if cfg.resume:
             self.restore(os.path.join(cfg.out, "ckpt.pt"))
         if cfg.compile:
             self.train_step.compile(cfg.cuda_graphs)
         self.images = self.train_set.images.to(device) if self.train_set.images is not None else None
         if rank == 0:
-            os.makedirs(cfg.out, exist_ok=True)
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=1)
-        self.log = Log(os.path.join(cfg.out, "log.jsonl"), rank == 0, self.step if cfg.resume else None)
+            write_json(os.path.join(cfg.out, "config.json"), cfg.to_dict())
+        self.log = Log(os.path.join(cfg.out, "log.jsonl"), rank == 0, self.step if cfg.resume else -1)
 
     def restore(self, path):
         _, loaded, ckpt = sit.load_checkpoint(path, self.device)
@@ -391,38 +419,52 @@ class Trainer:
         print(f"resuming {self.cfg.out} at epoch {self.epoch}, step {self.step}")
 
     def save(self):
-        """Write ckpt.pt (rank 0), with every rank's generator state (a collective under torchrun)."""
+        """Write ckpt.pt (rank 0) with every rank's generator state (a collective under torchrun).
+
+        A write that fails (disk full, no permission) stops the run with one line; the previous
+        checkpoint stays whole (the new one is written beside it, then renamed over it).
+        """
         states = [self.gen.get_state()]
         if self.world > 1:
             states = [None] * self.world
             dist.all_gather_object(states, self.gen.get_state())
+        path = os.path.join(self.cfg.out, "ckpt.pt")
         if self.rank == 0:
-            sit.save_checkpoint(os.path.join(self.cfg.out, "ckpt.pt"), self.cfg, self.model,
-                                self.train_step.optimizer_state_dict(), self.step, self.epoch,
-                                extra=dict(generator=states[0], generators=states))
+            if self.step:
+                check_finite(self.train_step.peek_loss(), self.step)    # never save weights gone bad
+            try:
+                sit.save_checkpoint(path, self.cfg, self.model, self.train_step.optimizer_state_dict(), self.step,
+                                    self.epoch, extra=dict(generator=states[0], generators=states))
+            except OSError as e:
+                raise SystemExit(f"train.py: error: could not write {path} ({e.strerror or e}); the previous "
+                                 f"checkpoint is kept: free space or fix the folder, then --resume") from None
+        self.saved_at = time.time()
 
     def knn(self):
         """k-NN monitor (rank 0, labelled data only): print and log the teacher's k-NN top-1."""
         if self.test_set is None or self.rank != 0:
             return
+        t = time.time()
         acc = knn_monitor(self.model, self.bank, self.test_set, self.cfg)
         tqdm.write(f"epoch {self.epoch}: k-NN {acc:.2f}%")
         self.log.write(kind="epoch", step=self.step, epoch=self.epoch, knn=acc)
+        self.monitor_seconds += time.time() - t
 
     def run(self):
         """Epochs until the end or a stop signal; returns the exit code."""
         cfg = self.cfg
+        self.saved_at, self.monitor_seconds, self.started = time.time(), 0.0, time.time()
         if self.step == 0:
             self.knn()                                             # random init
-        # One process: a signal saves the exact step. Under torchrun the ranks could see it at
-        # different steps, so they stop as usual and resume from the last epoch end.
-        with StopFlag(enabled=self.world == 1) as stop:
+        with StopFlag() as stop:
             while self.epoch < cfg.epochs:
-                if not self.run_epoch(stop):
+                signum = self.run_epoch(stop)
+                if signum:
                     self.save()
-                    print(f"interrupted: saved {os.path.join(cfg.out, 'ckpt.pt')} at step {self.step}; "
-                          f"continue with --resume", file=sys.stderr)
-                    return 128 + stop.signal
+                    if self.rank == 0:
+                        print(f"interrupted: saved {os.path.join(cfg.out, 'ckpt.pt')} at step {self.step}; "
+                              f"continue with --resume", file=sys.stderr)
+                    return 128 + signum
                 self.epoch += 1
                 self.save()
                 if self.epoch == cfg.epochs or (cfg.knn_every and self.epoch % cfg.knn_every == 0):
@@ -440,8 +482,22 @@ class Trainer:
             tqdm.write(f"compiled the training step in {self.train_step.compile_seconds:.1f} s "
                        f"({graph_count()} graph(s))")
 
+    def at_boundary(self, stop):
+        """(signal number or 0, save now?) at this step boundary. Under torchrun the ranks agree on
+        both at log steps only, with one all-reduce of two numbers where the loop syncs anyway: a
+        signal to any rank stops all of them at the same step."""
+        signum = stop.signal or 0
+        save = self.cfg.save_every > 0 and time.time() - self.saved_at >= 60 * self.cfg.save_every
+        if self.world > 1:
+            if self.step % self.cfg.log_every:
+                return 0, False
+            flags = torch.tensor([signum, int(save)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            signum, save = flags.tolist()
+        return signum, bool(save)
+
     def run_epoch(self, stop):
-        """Train from self.step to the epoch's end; False if a signal stopped it. Syncs only to log."""
+        """Train from self.step to the epoch's end; returns the signal that stopped it, else 0."""
         cfg, n = self.cfg, self.steps_per_epoch
         start = self.step - self.epoch * n
         batches = data.epoch_batches(self.train_set, self.images, cfg.batch_size, self.epoch, cfg.seed,
@@ -451,9 +507,6 @@ class Trainer:
         totals, lr = torch.zeros(3, dtype=torch.float64), sit.lr_at(self.step, cfg, n)
         t_epoch, t0, n_window = time.time(), time.time(), 0
         for x in batches:
-            if stop.signal is not None:
-                bar.close()
-                return False
             self.advance(x.to(self.device, non_blocking=True))
             n_window += 1
             bar.update(1)
@@ -469,6 +522,14 @@ class Trainer:
                                loss_contr=contr, lr=lr, wd=sit.weight_decay_at(self.step - 1, cfg, n),
                                momentum=sit.momentum_at(self.step - 1, cfg, n), img_s=img_s)
                 t0, n_window = time.time(), 0
+            if cfg.time_budget and self.budget_pending:
+                self.fit_budget()
+            signum, save = self.at_boundary(stop)
+            if signum:
+                bar.close()
+                return signum
+            if save and self.step % n:                               # mid-epoch (epoch ends save anyway)
+                self.save()
         bar.close()
         loss, recons, contr = (totals / max(n - start, 1)).tolist()
         seconds = time.time() - t_epoch
@@ -478,7 +539,39 @@ class Trainer:
                        f"contr {contr:.4f}  lr {lr:.2e}  {seconds:6.1f} s  {img_s:8,.0f} img/s")
         self.log.write(kind="epoch", step=self.step, epoch=self.epoch + 1, loss=loss, loss_recons=recons,
                        loss_contr=contr, lr=lr, seconds=seconds, img_s=img_s, graphs=graph_count())
-        return True
+        return 0
+
+    # --- --time-budget: the epochs that the budget buys, from the measured speed ------------------
+
+    def fit_budget(self):
+        """Once the step time is known (after compiling, over >= 10 steps and >= 5 s or 5% of the
+        budget), set cfg.epochs to what fits and rewrite the schedules for it (in place: no
+        recompile). --epochs is the upper bound. Time spent in the k-NN monitor is not counted."""
+        if self.budget_mark is None:
+            if self.train_step.compiled and self.train_step.compile_seconds is None:
+                return
+            self.budget_mark = (self.step, time.time(), self.monitor_seconds)
+            return
+        step0, t0, mon0 = self.budget_mark
+        spent = time.time() - t0 - (self.monitor_seconds - mon0)
+        if self.step - step0 < 10 or spent < min(5.0, 0.05 * 60 * self.cfg.time_budget):
+            return
+        sync(self.device)
+        spent = time.time() - t0 - (self.monitor_seconds - mon0)
+        step_s = spent / (self.step - step0)
+        left = 60 * self.cfg.time_budget - (time.time() - self.started - self.monitor_seconds)
+        epochs = torch.tensor((self.step + left / step_s) // self.steps_per_epoch)
+        if self.world > 1:
+            dist.all_reduce(epochs, op=dist.ReduceOp.MIN)
+        epochs = int(min(max(epochs.item(), self.epoch + 1), self.cfg.epochs))
+        self.cfg.epochs = epochs
+        self.train_step.set_schedule(sit.schedule_table(self.cfg, self.steps_per_epoch))
+        self.budget_pending = False
+        if self.rank == 0:
+            write_json(os.path.join(self.cfg.out, "config.json"), self.cfg.to_dict())
+            tqdm.write(f"time budget {self.cfg.time_budget:g} min at {self.cfg.batch_size / step_s:,.0f} img/s "
+                       f"({step_s * 1e3:.1f} ms/step) buys {epochs} epochs")
+        self.log.write(kind="budget", step=self.step, epochs=epochs, img_s=self.cfg.batch_size / step_s)
 
 
 def graph_count():
@@ -567,26 +660,30 @@ def bench(cfg, device):
 
 
 def setup(argv):
-    """Checked configuration, processes and run folder; every problem here is a RunError-like ValueError."""
+    """Checked configuration and run folder; every problem here is a RunError-like ValueError."""
     cfg = parse_args(argv)
     cfg.out = cfg.out or os.path.join("runs", os.path.basename(os.path.normpath(cfg.dataset)))
-    if cfg.epochs <= 0:
-        raise RunError(f"--epochs must be positive, got {cfg.epochs}")
-    if cfg.batch_size <= 0:
-        raise RunError(f"--batch-size must be positive, got {cfg.batch_size}")
-    if cfg.warmup_epochs >= cfg.epochs:
+    if cfg.warmup_epochs >= cfg.epochs and not cfg.time_budget:
         print(f"train.py: note: --warmup-epochs {cfg.warmup_epochs:g} >= --epochs {cfg.epochs}: the learning "
               f"rate never reaches its peak (try --warmup-epochs {max(cfg.epochs / 10, 0.5):g})", file=sys.stderr)
-    if cfg.resume:
-        check_run_folder(cfg)
-        saved = sit.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))[0]
-        # The run's own recipe; only where and how it runs may change.
-        keep = ("device", "compile", "cuda_graphs", "resume", "knn_every", "log_every", "workers", "data_dir", "out")
+    if cfg.resume and not cfg.bench:
+        check_run_folder(cfg)                                        # a run that never saved: afresh
+    if cfg.resume and not cfg.bench:                                 # the run's own recipe; only where
+        saved = sit.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))[0]  # and how it runs may change
+        keep = ("device", "compile", "cuda_graphs", "resume", "knn_every", "log_every", "workers", "data_dir",
+                "out", "save_every")
         cfg = sit.Config.from_dict({**saved.to_dict(), **{k: getattr(cfg, k) for k in keep}})
     return cfg
 
 
+def out_of_memory(cfg):
+    return (f"train.py: error: out of GPU memory with --batch-size {cfg.batch_size} ({cfg.model}, "
+            f"{cfg.img_size} px, patch {cfg.patch_size}); lower --batch-size (the lr scales with it), or use "
+            f"a smaller --model or --img-size; the last checkpoint is kept")
+
+
 def main(argv=None):
+    cfg = None
     try:
         try:  # set-up: a mistake in the input is one line on stderr and exit code 2
             cfg = setup(argv)
@@ -597,7 +694,7 @@ def main(argv=None):
                 return bench(cfg, device)
             rank, world, device = init_distributed(cfg)
             cfg.compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-            if rank == 0:
+            if rank == 0 and not cfg.resume:
                 check_run_folder(cfg)
             torch.set_float32_matmul_precision("high")
             trainer = Trainer(cfg, rank, world, device)
@@ -605,6 +702,9 @@ def main(argv=None):
             print(f"train.py: error: {e}", file=sys.stderr)
             return 2
         return trainer.run()
+    except torch.cuda.OutOfMemoryError:
+        print(out_of_memory(cfg), file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
