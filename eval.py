@@ -371,15 +371,10 @@ def load_labelled(args, train):
     return d
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                                         # one line, no usage block
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
 
 FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
     "--dataset": data.DATASET_RULE,
-    "--data-dir": (lambda v: v != "", "a folder (not empty)"),
+    "--data-dir": sit.FOLDER,
     "--limit": allowed(0, kind=INT),
     "--seed": allowed(0, 2**32 - 1, kind=INT),
     "--results": (lambda v: v != "" and not os.path.isdir(v), "a file to append to (not a folder)"),
@@ -411,7 +406,7 @@ FLAGS = {  # flag: (valid when, what is allowed); every value of the command lin
 
 
 def make_parser():
-    p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
+    p = sit.Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py")
     p.add_argument("--mode", required=True, choices=MODES, help="which evaluation")

@@ -199,14 +199,9 @@ def export(checkpoint, fmt="timm", student=False, out=None):
     return pth, meta, record
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                                   # one line, exit code 2, no usage block
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
 
 def main(argv=None):
-    p = Parser(prog="export.py", description=__doc__.split("\n\n")[0],
+    p = sit.Parser(prog="export.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py, or a finetuned.pt written by eval.py")
     p.add_argument("--format", default="timm", choices=FORMATS, help="key layout of the exported state dict")

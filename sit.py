@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -58,6 +59,17 @@ def bad_value(flag, value, rule):
     if value is None or ok(value):
         return None
     return f"{flag} {shown(value)}: must be {text}"
+
+
+FOLDER = (lambda v: v != "", "a folder (not empty)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for the scripts: an error is one line `prog: error: ...` and exit code 2 (no usage block)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def check_flags(parser, args, flags):
@@ -114,7 +126,7 @@ class Config:
     clip_grad: float = _f(3.0, "global gradient-norm clipping; 0 = off", allowed(0))
     # --- data ---
     dataset: str = _f("cifar10", "dataset name, or a folder of images (see data.py)")
-    data_dir: str = _f("./data", "where datasets are downloaded / read", ((lambda v: v != ""), "a folder (not empty)"))
+    data_dir: str = _f("./data", "where datasets are downloaded / read", FOLDER)
     limit: int = _f(0, "use only the first N training images; 0 = all", allowed(0, kind=INT))
     workers: int = _f(4, "DataLoader workers, only for datasets too large to hold on the device", allowed(0, kind=INT))
     # --- system ---

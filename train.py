@@ -8,7 +8,6 @@ The dataset sits once on the device as uint8; both views and the GMML corruption
 batched, from a seeded generator. Checkpoints (ckpt.pt) are written atomically at every epoch end
 and when the run is interrupted (Ctrl-C, SIGTERM), so `--resume` loses nothing it could keep.
 """
-import argparse
 import json
 import math
 import os
@@ -34,7 +33,7 @@ class RunError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).")
+    parser = sit.Parser(prog="train.py", description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).")
     sit.Config.add_args(parser)
     try:
         return sit.Config.from_args(parser.parse_args(argv))

@@ -308,11 +308,6 @@ def make_figure(args):
     return out
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                                         # one line, no usage block
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
 
 MAX_N = 256   # images per figure: wider figures pass what matplotlib's Agg can draw (2^16 px)
 FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
@@ -320,7 +315,7 @@ FLAGS = {  # flag: (valid when, what is allowed); every value of the command lin
     "--seed": allowed(0, 2**32 - 1, kind=INT),
     "--drop-perc": allowed(0, 1),
     "--dataset": data.DATASET_RULE,
-    "--data-dir": (lambda v: v != "", "a folder (not empty)"),
+    "--data-dir": sit.FOLDER,
     "--images": (os.path.isdir, "an existing folder of images"),
     "--log": (os.path.isfile, "an existing log.jsonl file"),
     "--out": (lambda v: v != "" and not os.path.isdir(v), "a PNG file path (not a folder)"),
@@ -328,7 +323,7 @@ FLAGS = {  # flag: (valid when, what is allowed); every value of the command lin
 
 
 def make_parser():
-    p = Parser(prog="visualize.py", description=__doc__.split("\n\n")[0])
+    p = sit.Parser(prog="visualize.py", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="checkpoint written by train.py (holds its Config)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--attention", action="store_true", help="CLS attention maps instead of reconstructions")
