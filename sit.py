@@ -123,7 +123,11 @@ class Config:
     weight_decay: float = _f(0.04, "AdamW weight decay at the start (cosine to --weight-decay-end)", allowed(0))
     weight_decay_end: float = _f(0.1, "AdamW weight decay at the end", allowed(0))
     momentum_teacher: float = _f(0.996, "teacher EMA momentum at the start (cosine to 1)", allowed(0, 1))
-    clip_grad: float = _f(3.0, "global gradient-norm clipping; 0 = off", allowed(0))
+    clip_grad: float = _f(3.0, "gradient-norm clipping threshold; 0 = off", allowed(0))
+    clip_mode: str = _f("global", "clip one norm over all gradients (global) or each parameter tensor's own "
+                        "(per-tensor, as the authors' code)", one_of("global", "per-tensor"))
+    head_bn: str = _f("view", "projection heads' batch norm statistics: per view (view) or over both views at "
+                      "once (pair, one call on 2B, as the authors' code)", one_of("view", "pair"))
     # --- data ---
     dataset: str = _f("cifar10", "dataset name, or a folder of images (see data.py)")
     data_dir: str = _f("./data", "where datasets are downloaded / read", FOLDER)
@@ -502,7 +506,7 @@ class SiT(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.alpha, self.tau = cfg.alpha, cfg.tau
+        self.alpha, self.tau, self.head_bn = cfg.alpha, cfg.tau, cfg.head_bn
         backbone = ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.depth, cfg.heads,
                        cfg.mlp_ratio, cfg.drop_path)
         head = ProjectionHead(cfg.dim, cfg.proj_hidden, cfg.proj_dim)
@@ -524,14 +528,22 @@ class SiT(nn.Module):
         tokens = self.student.backbone(corrupted, generator)         # (2B, 1 + N, D)
         recon = self.student.decoder(tokens[:, 1:], H, W)            # (2B, C, H, W)
         loss_recons = recon_loss(recon, clean, mask)
-        # Batch norm statistics per view, as in the reference (each view is its own forward pass).
-        q1, q2 = (self.student.head(t) for t in tokens[:, 0].chunk(2))
+        q1, q2 = self.project(self.student.head, tokens[:, 0])        # 2 x (B, D')
         with torch.no_grad():
-            t_cls = self.teacher.backbone(clean)[:, 0]
-            k1, k2 = (self.teacher.head(t) for t in t_cls.chunk(2))
+            k1, k2 = self.project(self.teacher.head, self.teacher.backbone(clean)[:, 0])
         loss_contr = contrastive_loss(q1, k2, self.tau) + contrastive_loss(q2, k1, self.tau)
         loss = self.alpha * loss_recons + loss_contr                 # L_total
         return dict(loss=loss, loss_recons=loss_recons, loss_contr=loss_contr, recon=recon, mask=mask)
+
+    def project(self, head, cls):
+        """Both views' CLS tokens (2B, D) through a projection head -> 2 x (B, D').
+
+        head_bn "view": one head call per view, so each batch norm uses that view's statistics;
+        "pair": one call on all 2B tokens, so the statistics mix both views (the authors' code).
+        """
+        if self.head_bn == "pair":
+            return head(cls).chunk(2)
+        return tuple(head(c) for c in cls.chunk(2))
 
     @torch.no_grad()
     def update_teacher(self, m):

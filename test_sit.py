@@ -488,3 +488,20 @@ def test_few_steps_lower_the_loss():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def test_head_bn_per_view_or_pair():
+    """head_bn "view" normalises each view's CLS tokens with that view's batch statistics; "pair"
+    normalises all 2B at once (the authors' code): same weights, different embeddings."""
+    cfg = tiny_cfg(drop_path=0.0)
+    torch.manual_seed(0)
+    model = sit.SiT(cfg)
+    cls = torch.randn(8, cfg.dim, generator=torch.Generator().manual_seed(0))
+    cls[4:] += 3.0                                                   # the views differ in their statistics
+    head = model.student.head
+    view = model.project(head, cls)
+    model.head_bn = "pair"
+    pair = model.project(head, cls)
+    assert torch.allclose(view[0], head(cls[:4])) and torch.allclose(view[1], head(cls[4:]))
+    assert torch.allclose(torch.cat(pair), head(cls))
+    assert not torch.allclose(view[0], pair[0], atol=1e-3)
