@@ -127,13 +127,18 @@ def decay_groups(model):
 
 
 @torch.no_grad()
-def clip_grad_norm_(grads, max_norm):
-    """Scale `grads` in place so that their global L2 norm is at most `max_norm` (no host sync).
+def clip_grad_norm_(grads, max_norm, per_tensor=False):
+    """Scale `grads` in place so that their L2 norm is at most `max_norm` (no host sync).
 
-    Differs from the reference code (per-parameter-tensor clipping): one global norm, the usual
-    choice, keeps the update's direction.
+    Differs from the reference code (per_tensor: each parameter tensor clipped on its own): one
+    global norm, the usual choice, keeps the update's direction.
     """
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norms = torch._foreach_norm(grads)
+    if per_tensor:
+        for g, n in zip(grads, norms):
+            g.mul_((max_norm / (n + 1e-6)).clamp(max=1.0))
+        return
+    norm = torch.linalg.vector_norm(torch.stack(norms))
     torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
 
 
@@ -201,7 +206,7 @@ class Step:
         if self.world > 1:
             all_reduce_mean_(grads)
         if cfg.clip_grad > 0:
-            clip_grad_norm_(grads, cfg.clip_grad)
+            clip_grad_norm_(grads, cfg.clip_grad, per_tensor=cfg.clip_mode == "per-tensor")
         self.t.add_(1)
         adamw_(self.params, grads, self.exp_avg, self.exp_avg_sq, self.decay, self.t, lr, wd)
         self.model.update_teacher(m)
