@@ -252,7 +252,8 @@ class Step:
     def mark_static(self):
         """Tensors the step mutates keep their addresses, so that a CUDA graph can replay in place."""
         if self.compiled:
-            for t in [self.t, self.schedule, self.loss_sums, self.u, *self.exp_avg, *self.exp_avg_sq]:
+            for t in [self.t, self.schedule, self.loss_sums, self.u, *self.exp_avg, *self.exp_avg_sq,
+                      *self.model.buffers()]:                        # buffers: batch norm statistics
                 torch._dynamo.mark_static_address(t)
 
     def compile_first(self, x):
