@@ -1,12 +1,16 @@
 """Self-supervised SiT pretraining: one command on one GPU, small runs on a CPU, wide with torchrun.
 
     python train.py --dataset cifar10                       # one GPU (or CPU/MPS), downloads CIFAR-10
-    torchrun --nproc_per_node=4 train.py --dataset cifar10  # several GPUs (DDP), same flags
-    python train.py --bench 50                              # throughput on synthetic data
+    torchrun --nproc_per_node=4 train.py --dataset cifar10  # several GPUs (data parallel), same flags
+    python train.py --bench 50                              # throughput of the training step
+    python train.py --dataset fashion-mnist --time-budget 6 --epochs 1000   # the best 6 minutes buy
 
-The dataset sits once on the device as uint8; both views and the GMML corruption are made there,
-batched, from a seeded generator. Checkpoints (ckpt.pt) are written atomically at every epoch end
-and when the run is interrupted (Ctrl-C, SIGTERM), so `--resume` loses nothing it could keep.
+The dataset sits once on the device as uint8. One training step (`Step`) is one function of device
+tensors: both views, GMML on both, forward, backward, clipping, AdamW and the teacher EMA, with
+its random numbers drawn just before from the run's seeded generator; on CUDA it is compiled into
+one graph and replayed as a CUDA graph. Checkpoints (ckpt.pt) are written atomically at every
+epoch end, every --save-every minutes and when the run is interrupted (Ctrl-C, SIGTERM, on any
+rank), so `--resume` loses nothing it could keep.
 """
 import json
 import math
@@ -35,8 +39,10 @@ class RunError(ValueError):
 def parse_args(argv=None):
     parser = sit.Parser(prog="train.py", description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).")
     sit.Config.add_args(parser)
+    args = parser.parse_args(argv)
+    sit.check_flags(parser, args, {"--dataset": data.DATASET_RULE})
     try:
-        return sit.Config.from_args(parser.parse_args(argv))
+        return sit.Config.from_args(args)
     except ValueError as e:  # Config's own checks (preset, sizes, ranges)
         raise RunError(str(e)) from None
 
@@ -63,13 +69,16 @@ def check_run_folder(cfg):
     but no checkpoint holds a run that never saved anything: it starts afresh, with or without
     --resume (sets cfg.resume accordingly)."""
     ckpt = os.path.join(cfg.out, "ckpt.pt")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise RunError(f"--out {cfg.out}: must be a folder (a file of that name exists)")
     if os.path.isfile(ckpt):
         if not cfg.resume:
             raise RunError(f"{cfg.out} already holds a run; add --resume to continue it or choose another --out")
         return
     if os.path.exists(os.path.join(cfg.out, "config.json")):
-        print(f"train.py: note: {cfg.out} holds a run that never saved a checkpoint; starting it afresh",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":                     # once under torchrun
+            print(f"train.py: note: {cfg.out} holds a run that never saved a checkpoint; starting it afresh",
+                  file=sys.stderr)
         cfg.resume = False
     elif cfg.resume:
         raise RunError(f"--resume: no checkpoint to resume at {ckpt}")
@@ -331,6 +340,15 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
+def row_of(line):
+    """The JSON object on one line of log.jsonl, or None for a line cut short by a kill."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 class Log:
     """log.jsonl in the run folder: one JSON object per log step and per epoch (rank 0 only)."""
 
@@ -339,7 +357,8 @@ class Log:
         if enabled and os.path.exists(path):
             # Resuming: drop lines of steps the resumed run will do again (a fresh start: all).
             with open(path) as f:
-                lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= keep_until_step]
+                rows = [row_of(l) for l in f]
+            lines = [json.dumps(r) + "\n" for r in rows if r is not None and r.get("step", 0) <= keep_until_step]
             with open(path + ".tmp", "w") as f:
                 f.writelines(lines)
             os.replace(path + ".tmp", path)
@@ -355,10 +374,16 @@ class Log:
 # ------------------------------------------------------------------------------------------------
 
 class StopFlag:
-    """Within `with StopFlag() as stop:`, SIGINT/SIGTERM set stop.signal; a second one stops at once."""
+    """Within `with StopFlag() as stop:`, SIGINT/SIGTERM set stop.signal; a second one stops at once.
+
+    A repeat within `repeat_s` of the first is the same request delivered twice, not a second one:
+    under torchrun a terminal's Ctrl-C (or SLURM's SIGTERM) reaches each worker directly and again
+    through the launcher, which forwards it.
+    """
+    repeat_s = 1.0
 
     def __init__(self, enabled=True):
-        self.signal, self.enabled, self.previous = None, enabled, {}
+        self.signal, self.enabled, self.previous, self.at = None, enabled, {}, None
 
     def __enter__(self):
         if self.enabled:
@@ -370,9 +395,10 @@ class StopFlag:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
-        if self.signal is not None:
+        if self.signal is None:
+            self.signal, self.at = signum, time.monotonic()
+        elif time.monotonic() - self.at > self.repeat_s:
             raise KeyboardInterrupt
-        self.signal = signum
 
 
 # ------------------------------------------------------------------------------------------------
@@ -507,35 +533,34 @@ class Trainer:
         start = self.step - self.epoch * n
         batches = data.epoch_batches(self.train_set, self.images, cfg.batch_size, self.epoch, cfg.seed,
                                      start, self.rank, self.world, cfg.workers)
-        bar = tqdm(total=n, initial=start, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=self.rank != 0, dynamic_ncols=True, leave=False)
         totals, lr = torch.zeros(3, dtype=torch.float64), sit.lr_at(self.step, cfg, n)
         t_epoch, t0, n_window = time.time(), time.time(), 0
-        for x in batches:
-            self.advance(x.to(self.device, non_blocking=True))
-            n_window += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step % n == 0:
-                sums = torch.tensor(self.train_step.read_losses(), dtype=torch.float64)  # the only host sync
-                totals += sums
-                loss, recons, contr = (sums / n_window).tolist()
-                check_finite(loss, self.step)
-                img_s = n_window * cfg.batch_size / (time.time() - t0)
-                lr = sit.lr_at(self.step - 1, cfg, n)
-                bar.set_postfix_str(f"loss {loss:.4f} rec {recons:.4f} con {contr:.4f} lr {lr:.2e} {img_s:,.0f} img/s")
-                self.log.write(kind="step", step=self.step, epoch=self.step / n, loss=loss, loss_recons=recons,
-                               loss_contr=contr, lr=lr, wd=sit.weight_decay_at(self.step - 1, cfg, n),
-                               momentum=sit.momentum_at(self.step - 1, cfg, n), img_s=img_s)
-                t0, n_window = time.time(), 0
-            if cfg.time_budget and self.budget_pending:
-                self.fit_budget()
-            signum, save = self.at_boundary(stop)
-            if signum:
-                bar.close()
-                return signum
-            if save and self.step % n:                               # mid-epoch (epoch ends save anyway)
-                self.save()
-        bar.close()
+        with tqdm(total=n, initial=start, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=self.rank != 0,
+                  dynamic_ncols=True, leave=False) as bar:            # closed, and cleared, however it ends
+            for x in batches:
+                self.advance(x.to(self.device, non_blocking=True))
+                n_window += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step % n == 0:
+                    sums = torch.tensor(self.train_step.read_losses(), dtype=torch.float64)  # the only host sync
+                    totals += sums
+                    loss, recons, contr = (sums / n_window).tolist()
+                    check_finite(loss, self.step)
+                    img_s = n_window * cfg.batch_size / (time.time() - t0)
+                    lr = sit.lr_at(self.step - 1, cfg, n)
+                    bar.set_postfix_str(f"loss {loss:.4f} rec {recons:.4f} con {contr:.4f} lr {lr:.2e} "
+                                        f"{img_s:,.0f} img/s")
+                    self.log.write(kind="step", step=self.step, epoch=self.step / n, loss=loss, loss_recons=recons,
+                                   loss_contr=contr, lr=lr, wd=sit.weight_decay_at(self.step - 1, cfg, n),
+                                   momentum=sit.momentum_at(self.step - 1, cfg, n), img_s=img_s)
+                    t0, n_window = time.time(), 0
+                if cfg.time_budget and self.budget_pending:
+                    self.fit_budget()
+                signum, save = self.at_boundary(stop)
+                if signum:
+                    return signum
+                if save and self.step % n:                           # mid-epoch (epoch ends save anyway)
+                    self.save()
         loss, recons, contr = (totals / max(n - start, 1)).tolist()
         seconds = time.time() - t_epoch
         img_s = (n - start) * cfg.batch_size / seconds
@@ -671,7 +696,7 @@ def setup(argv):
     if cfg.warmup_epochs >= cfg.epochs and not cfg.time_budget:
         print(f"train.py: note: --warmup-epochs {cfg.warmup_epochs:g} >= --epochs {cfg.epochs}: the learning "
               f"rate never reaches its peak (try --warmup-epochs {max(cfg.epochs / 10, 0.5):g})", file=sys.stderr)
-    if cfg.resume and not cfg.bench:
+    if not cfg.bench:
         check_run_folder(cfg)                                        # a run that never saved: afresh
     if cfg.resume and not cfg.bench:                                 # the run's own recipe; only where
         saved = sit.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))[0]  # and how it runs may change
@@ -699,8 +724,6 @@ def main(argv=None):
                 return bench(cfg, device)
             rank, world, device = init_distributed(cfg)
             cfg.compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-            if rank == 0 and not cfg.resume:
-                check_run_folder(cfg)
             torch.set_float32_matmul_precision("high")
             trainer = Trainer(cfg, rank, world, device)
         except ValueError as e:  # RunError, DataError, CheckpointError, Config's and device checks
