@@ -428,8 +428,8 @@ class Trainer:
         self.saved_at, self.monitor_seconds, self.started = time.time(), 0.0, time.time()
         if cfg.resume:
             self.restore(os.path.join(cfg.out, "ckpt.pt"))
-        if cfg.compile:
-            self.train_step.compile(cfg.cuda_graphs)
+        if cfg.compile:  # CUDA graphs for one process only: the collectives of torchrun stay outside
+            self.train_step.compile(cfg.cuda_graphs and world == 1)
         self.images = self.train_set.images.to(device) if self.train_set.images is not None else None
         if rank == 0:
             write_json(os.path.join(cfg.out, "config.json"), cfg.to_dict())
