@@ -267,8 +267,8 @@ def test_bench_prints_one_line(capsys):
 # --- bad input: one line on stderr, non-zero exit, nothing overwritten --------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (["--dataset", "nosuchset"], "unknown dataset"),
-    (["--dataset", "/nonexistent/folder/x"], "no such folder"),
+    (["--dataset", "nosuchset"], "--dataset nosuchset: must be one of cifar10"),
+    (["--dataset", "/nonexistent/folder/x"], "--dataset /nonexistent/folder/x: must be one of"),
     (["--dataset", "synthetic", "--img-size", "18"], "not a multiple"),
     (["--dataset", "synthetic", "--batch-size", "4096"], "larger than the dataset"),
     (["--dataset", "synthetic", "--epochs", "0"], "--epochs 0: must be an integer >= 1"),

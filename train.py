@@ -39,8 +39,10 @@ class RunError(ValueError):
 def parse_args(argv=None):
     parser = sit.Parser(prog="train.py", description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).")
     sit.Config.add_args(parser)
-    args = parser.parse_args(argv)
-    sit.check_flags(parser, args, {"--dataset": data.DATASET_RULE})
+    args = parser.parse_args(argv)                                   # a value of the wrong type: exit 2
+    problem = sit.bad_value("--dataset", args.dataset, data.DATASET_RULE)  # its rule lives in data.py
+    if problem:
+        raise RunError(problem)
     try:
         return sit.Config.from_args(args)
     except ValueError as e:  # Config's own checks (preset, sizes, ranges)
@@ -349,6 +351,14 @@ def row_of(line):
     return row if isinstance(row, dict) else None
 
 
+def remove_partial_saves(folder):
+    """Delete the temp files of checkpoint writes that a kill cut short (sit.atomic_save's
+    .ckpt-*.tmp, each as large as a checkpoint), so that preemptions do not fill the disk."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(".ckpt-") and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+
+
 class Log:
     """log.jsonl in the run folder: one JSON object per log step and per epoch (rank 0 only)."""
 
@@ -432,6 +442,7 @@ class Trainer:
             self.train_step.compile(cfg.cuda_graphs and world == 1)
         self.images = self.train_set.images.to(device) if self.train_set.images is not None else None
         if rank == 0:
+            remove_partial_saves(cfg.out)
             write_json(os.path.join(cfg.out, "config.json"), cfg.to_dict())
         self.log = Log(os.path.join(cfg.out, "log.jsonl"), rank == 0, self.step if cfg.resume else -1)
 
@@ -584,13 +595,19 @@ class Trainer:
             return
         step0, t0, mon0 = self.budget_mark
         spent = time.time() - t0 - (self.monitor_seconds - mon0)
-        if self.step - step0 < 10 or spent < min(5.0, 0.05 * 60 * self.cfg.time_budget):
+        ready = self.step - step0 >= 10 and spent >= min(5.0, 0.05 * 60 * self.cfg.time_budget)
+        if self.world > 1:  # each rank has its own clock: they decide together, at log steps (as at_boundary)
+            if self.step % self.cfg.log_every:
+                return
+            ready = torch.tensor(int(ready), device=self.device)
+            dist.all_reduce(ready, op=dist.ReduceOp.MAX)
+        if not ready:
             return
         sync(self.device)
         spent = time.time() - t0 - (self.monitor_seconds - mon0)
         step_s = spent / (self.step - step0)
         left = 60 * self.cfg.time_budget - (time.time() - self.started - self.monitor_seconds)
-        epochs = torch.tensor((self.step + left / step_s) // self.steps_per_epoch)
+        epochs = torch.tensor((self.step + left / step_s) // self.steps_per_epoch, device=self.device)
         if self.world > 1:
             dist.all_reduce(epochs, op=dist.ReduceOp.MIN)
         epochs = int(min(max(epochs.item(), self.epoch + 1), self.cfg.epochs))
