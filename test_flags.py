@@ -1,8 +1,9 @@
-"""Every flag of eval.py and visualize.py refuses a bad value where it is parsed: one line on stderr,
-`SCRIPT: error: --flag VALUE: <what is allowed>` (argparse's own wording for values of the wrong
-type or choice), exit status 2, and nothing written. main(argv) runs in-process; with a missing
-check the same command would run and write its results or figure, so each case can fail.
+"""Every flag of eval.py, visualize.py and train.py refuses a bad value where it is parsed: one line
+on stderr, `SCRIPT: error: --flag VALUE: <what is allowed>` (argparse's own wording for values of the
+wrong type or choice), exit status 2, and nothing written. main(argv) runs in-process; with a missing
+check the same command would run and write its results, figure or run folder, so each case can fail.
 The whole file takes a few seconds on 2 CPU cores."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 import eval as ev
 import sit
+import train
 import visualize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -152,6 +154,101 @@ def test_bounds_and_values_are_written_in_full(ckpt, capsys):
     assert err == "eval.py: error: --lr -0.0001: must be a number > 0\n"
 
 
+# --- train.py: its flags are sit.Config's fields, each checked against the rule beside it ---------
+
+# flag: bad values; {missing} is a path that does not exist, {file} an existing file
+TRAIN_BAD = {
+    "--model": ["huge"],
+    "--dim": ["-1"],
+    "--depth": ["-1"],
+    "--heads": ["-2"],
+    "--mlp-ratio": ["0", "65", "nan"],
+    "--img-size": ["0", "-32"],
+    "--patch-size": ["0", "-4"],
+    "--in-chans": ["1"],
+    "--drop-path": ["1", "-0.1"],
+    "--proj-hidden": ["0"],
+    "--proj-dim": ["0"],
+    "--drop-perc": ["1.5", "-0.1", "nan"],
+    "--drop-replace": ["1.1", "-0.3"],
+    "--drop-align": ["-4"],
+    "--drop-type": ["blur"],
+    "--max-block": ["0", "1.5"],
+    "--alpha": ["-1", "inf"],
+    "--tau": ["0", "-0.2"],
+    "--epochs": ["0", "-2", "ten"],
+    "--batch-size": ["1", "0"],
+    "--lr": ["0", "-1e-4", "nan", "inf"],
+    "--min-lr": ["-1e-6"],
+    "--warmup-epochs": ["-1", "nan"],
+    "--weight-decay": ["-0.04"],
+    "--weight-decay-end": ["-0.1"],
+    "--momentum-teacher": ["1.2", "-0.1"],
+    "--clip-grad": ["-3"],
+    "--clip-mode": ["norm"],
+    "--head-bn": ["batch"],
+    "--dataset": ["nope", "{missing}"],
+    "--data-dir": [""],
+    "--limit": ["-1"],
+    "--workers": ["-1"],
+    "--out": ["{file}"],
+    "--device": ["tpu"],
+    "--save-every": ["-1", "nan"],
+    "--time-budget": ["-1", "inf"],
+    "--knn-every": ["-1"],
+    "--log-every": ["0"],
+    "--bench": ["-1"],
+    "--peak-tflops": ["0"],
+    "--seed": ["-1", "4294967296", "1.5"],
+}
+# a two-step run if a check were missing (no --warmup-epochs note: it would be a second line)
+TRAIN_QUICK = ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "1",
+               "--warmup-epochs", "0", "--model", "tiny", "--dim", "32", "--depth", "2", "--heads", "2",
+               "--img-size", "16", "--proj-hidden", "64", "--proj-dim", "16", "--device", "cpu", "--knn-every", "0"]
+CONFIG_FIELDS = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(sit.Config)}
+TRAIN_CASES = [(flag, value) for flag, values in TRAIN_BAD.items() for value in values]
+
+
+def of_its_type(flag, value):
+    """Whether argparse reads `value` as the flag's type (else argparse itself refuses it)."""
+    try:
+        {"int": int, "float": float}.get(CONFIG_FIELDS[flag].type, CONFIG_FIELDS[flag].type)(value)
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.parametrize("flag,value", TRAIN_CASES, ids=[f"train.py {f} {v!r}" for f, v in TRAIN_CASES])
+def test_train_bad_value_is_refused_before_anything_is_written(flag, value, tmp_path, capsys):
+    """train.main returns 2 (argparse: exits 2, for a value of the wrong type) with one stderr line
+    naming the flag and the value; the run folder is not created and nothing else is written."""
+    (tmp_path / "afile").write_text("kept")
+    value = value.format(missing=tmp_path / "missing", file=tmp_path / "afile")
+    out = tmp_path / "run"
+    argv = [*TRAIN_QUICK, "--out", str(out), f"{flag}={value}"]   # the last --out or --dataset wins
+    if of_its_type(flag, value):
+        status = train.main(argv)
+    else:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        status = e.value.code
+    err = capsys.readouterr().err
+    assert status == 2, f"exit status {status}"
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "\r" not in err, err
+    assert flag in err and shown(value) in err, err
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and (tmp_path / "afile").read_text() == "kept"
+
+
+def test_every_train_flag_has_bad_values_here():
+    """The table above covers every sit.Config field that takes a value, so a new field needs a rule
+    and an entry here; each field without a rule in Config is checked elsewhere (--dataset against
+    data.DATASET_RULE, --out in check_run_folder)."""
+    takes_value = {flag for flag, f in CONFIG_FIELDS.items() if f.type not in (bool, "bool")}
+    assert set(TRAIN_BAD) == takes_value
+    unruled = {flag for flag in takes_value if CONFIG_FIELDS[flag].metadata["rule"] is sit.ANY}
+    assert unruled == {"--dataset", "--out"}
+
+
 @pytest.mark.parametrize("script,argv", [("eval.py", ["--mode", "knn", "--k", "0"]),
                                          ("visualize.py", ["--n", "0"])])
 def test_command_line_exit_status_is_2(script, argv, ckpt):
@@ -161,3 +258,12 @@ def test_command_line_exit_status_is_2(script, argv, ckpt):
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines() == [f"{script}: error: {argv[-2]} 0: must be an integer " +
                                      (">= 1" if script == "eval.py" else "in [1, 256]")]
+
+
+def test_train_command_line_exit_status_is_2(tmp_path):
+    """train.py as a user runs it: status 2, exactly one line, no traceback, no run folder."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp_path / "run"),
+                        "--patch-size", "0"], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.splitlines() == ["train.py: error: --patch-size 0: must be an integer >= 1"]
+    assert not (tmp_path / "run").exists()

@@ -1,7 +1,10 @@
 """Tests of train.py and data.py (CPU, seeded, no network)."""
+import errno
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +26,17 @@ def run_main(args, tmp_path, name="run"):
     return train.main(["--out", str(tmp_path / name)] + args)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """torch on one thread in this process, as the runs in subprocesses (OMP_NUM_THREADS=1): on 2
+    cores shared with anything else, two threads wait on each other and a step takes 10-100x longer
+    (the Fashion-MNIST test: 100 s on one thread, over 13 min on two, beside another training run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def read_log(folder):
     with open(os.path.join(folder, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -30,8 +44,81 @@ def read_log(folder):
 
 def run_cli(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    kw.setdefault("stdout", subprocess.DEVNULL)
     return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")] + args, cwd=HERE, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def free_port():
+    """A TCP port that nothing listens on now (two test sessions at once must not share one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(args, **kw):
+    """train.py under torchrun: 2 CPU processes (gloo) on this machine, each run on its own port."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **kw.pop("env", {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           os.path.join(HERE, "train.py")] + args
+    return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **kw)
+
+
+def finish(proc, timeout=300):
+    """(stdout, stderr) of a run (run_cli or run_torchrun) once it ends; one still running after
+    `timeout` seconds is killed with its workers (its own session), and the test fails."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"still running after {timeout} s; killed") from None
+
+
+def wait_for_log_lines(folder, n, proc, timeout=120):
+    """Wait until log.jsonl in `folder` holds n lines (the run is training), or `proc` has ended."""
+    log, deadline = os.path.join(folder, "log.jsonl"), time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and sum(1 for _ in open(log)) >= n:
+            return
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"no {n} log lines in {folder} (exit status {proc.wait()})")
+
+
+def assert_same_student(a, b):
+    """Two checkpoints (dicts) hold bit-identical student weights."""
+    assert a["student"].keys() == b["student"].keys()
+    for k in a["student"]:
+        assert torch.equal(a["student"][k], b["student"][k]), k
+
+
+# 2 epochs of 8 steps, every step logged: the runs that are cut and resumed, and the one that is not
+RESUMED = TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32", "--epochs", "2",
+                  "--log-every", "1", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The folder of the RESUMED run, uninterrupted, in a subprocess (the same threads as the cut
+    runs, so that the weights can match bit for bit)."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = run_cli(RESUMED + ["--out", str(out)])
+    _, err = finish(proc)
+    assert proc.returncode == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(tmp_path_factory):
+    """The folder of the RESUMED run, uninterrupted, under torchrun (2 gloo processes)."""
+    out = tmp_path_factory.mktemp("ddp_straight")
+    proc = run_torchrun(RESUMED + ["--out", str(out)])
+    _, err = finish(proc)
+    assert proc.returncode == 0, err[-2000:]
+    return out
 
 
 # --- data pipeline ----------------------------------------------------------------------------
@@ -105,35 +192,66 @@ def test_few_steps_end_to_end(tmp_path):
     assert json.load(open(folder / "config.json"))["epochs"] == 2
 
 
-def test_interrupted_run_resumes_exactly(tmp_path):
+def test_interrupted_run_resumes_exactly(straight, tmp_path):
     """SIGTERM mid-epoch saves the exact step; --resume then ends with the same weights as an
     uninterrupted run (same data order, augmentation stream, optimizer and schedules)."""
-    args = TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32", "--epochs", "2",
-                   "--log-every", "1", "--seed", "5"]
-    straight = run_cli(args + ["--out", str(tmp_path / "straight")])  # same threads as the cut run
-    assert straight.wait(timeout=300) == 0
     out = str(tmp_path / "cut")
-    proc = run_cli(args + ["--out", out])
-    log = os.path.join(out, "log.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(log) and sum(1 for _ in open(log)) >= 3):
-        time.sleep(0.05)
+    proc = run_cli(RESUMED + ["--out", out])
+    wait_for_log_lines(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = finish(proc, 120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     cut_step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
     assert 0 < cut_step < 16
-    assert run_cli(args + ["--out", out, "--resume"]).wait(timeout=300) == 0
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    resumed = run_cli(RESUMED + ["--out", out, "--resume"])
+    _, err = finish(resumed)
+    assert resumed.returncode == 0, err
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
     b = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 16
-    for k in a["student"]:
-        assert torch.equal(a["student"][k], b["student"][k]), k
+    assert_same_student(a, b)
     steps = [r["step"] for r in read_log(out) if r["kind"] == "step"]
     assert steps == list(range(1, 17))                               # no step lost or logged twice
-    lr_a = [r["lr"] for r in read_log(tmp_path / "straight") if r["kind"] == "step"]
+    lr_a = [r["lr"] for r in read_log(straight) if r["kind"] == "step"]
     lr_b = [r["lr"] for r in read_log(out) if r["kind"] == "step"]
     assert lr_a == lr_b
+
+
+def test_save_every_checkpoints_mid_epoch_and_resumes_exactly(straight, tmp_path):
+    """--save-every (here 0.0005 min = 30 ms) writes checkpoints within an epoch: the run, held
+    still (SIGSTOP) until its checkpoint is at a step inside an epoch, then SIGKILLed, resumes from
+    that step and ends with the same weights as an uninterrupted run. The resumed run also deletes
+    the temp file of a save that a kill cut short."""
+    out = str(tmp_path / "cut")
+    args = RESUMED + ["--out", out, "--save-every", "0.0005"]
+    proc, ckpt, cut_step = run_cli(args), os.path.join(out, "ckpt.pt"), None
+    deadline = time.time() + 120
+    while cut_step is None and proc.poll() is None and time.time() < deadline:
+        if os.path.exists(ckpt):
+            proc.send_signal(signal.SIGSTOP)                         # the checkpoint cannot change now
+            step = torch.load(ckpt, weights_only=True)["step"]
+            if step % 8:                                             # 8 steps per epoch
+                cut_step = step
+                proc.kill()
+            else:
+                proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    proc.kill()
+    finish(proc, 60)
+    assert cut_step is not None, "no checkpoint inside an epoch"
+    assert torch.load(ckpt, weights_only=True)["step"] == cut_step
+    with open(os.path.join(out, ".ckpt-cut-short.tmp"), "wb") as f:  # as a kill during a save leaves
+        f.write(b"partial")
+    resumed = run_cli(args + ["--resume"], stdout=subprocess.PIPE)
+    printed, err = finish(resumed)
+    assert resumed.returncode == 0, err
+    assert f"resuming {out} at epoch {cut_step // 8}, step {cut_step}\n" in printed
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a["step"] == b["step"] == 16
+    assert_same_student(a, b)
+    assert [r["step"] for r in read_log(out) if r["kind"] == "step"] == list(range(1, 17))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 def test_killed_run_loses_at_most_one_epoch(tmp_path):
@@ -151,26 +269,73 @@ def test_killed_run_loses_at_most_one_epoch(tmp_path):
     proc.communicate(timeout=60)
     saved = torch.load(ckpt, weights_only=True)
     assert saved["step"] % 8 == 0 and saved["epoch"] >= 1
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     resumed = run_cli(args + ["--resume"])
-    _, err = resumed.communicate(timeout=300)
+    _, err = finish(resumed)
     assert resumed.returncode == 0, err
     assert torch.load(ckpt, weights_only=True)["step"] == 24
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]   # none, even if the kill cut a save
 
 
-def test_torchrun_two_gloo_processes_keep_replicas_identical(tmp_path):
+def test_torchrun_two_gloo_processes_keep_replicas_identical(ddp_straight):
     """torchrun with 2 CPU processes (gloo) trains a few steps; every rank ends with the same student."""
-    out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(HERE, "train.py")] + TINY + ["--dataset", "synthetic", "--limit", "128",
-                                                   "--batch-size", "32", "--epochs", "1", "--out", out]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = read_log(out)
+    rows = read_log(ddp_straight)
     rep = [r for r in rows if r["kind"] == "replicas"]
     assert rep and rep[0]["world"] == 2 and rep[0]["max_abs_diff"] == 0.0
-    assert sit.load_checkpoint(os.path.join(out, "ckpt.pt"))[2]["step"] == 4
+    assert sit.load_checkpoint(os.path.join(ddp_straight, "ckpt.pt"))[2]["step"] == 16
+
+
+def worker_of_rank(launcher, rank):
+    """The pid of torchrun's worker process with RANK=rank (its children, read from /proc)."""
+    for task in os.listdir(f"/proc/{launcher.pid}/task"):
+        for pid in open(f"/proc/{launcher.pid}/task/{task}/children").read().split():
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return int(pid)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_torchrun_sigterm_to_one_worker_stops_both_at_one_step_and_resumes_exactly(ddp_straight, tmp_path):
+    """Under torchrun, SIGTERM to rank 1 alone (mid-epoch) stops both ranks at the same log step:
+    rank 1 exits with 128 + 15, rank 0 saves that step with both ranks' generator states; --resume
+    under torchrun then ends with the weights of an uninterrupted 2-process run."""
+    out = str(tmp_path / "cut")
+    proc = run_torchrun(RESUMED + ["--out", out])
+    wait_for_log_lines(out, 3, proc)                                 # k-NN at init, steps 1 and 2
+    os.kill(worker_of_rank(proc, 1), signal.SIGTERM)
+    _, err = finish(proc, 120)
+    assert proc.returncode != 0, err[-2000:]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*143\b", err), err[-2000:]
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert re.search(rf"interrupted: saved \S+ at step {saved['step']};", err), err[-2000:]  # rank 0
+    assert 0 < saved["step"] < 16 and saved["step"] % 8
+    assert len(saved["extra"]["generators"]) == 2
+    resumed = run_torchrun(RESUMED + ["--out", out, "--resume"])
+    _, err = finish(resumed)
+    assert resumed.returncode == 0, err[-2000:]
+    a = torch.load(os.path.join(ddp_straight, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 16
+    assert_same_student(a, b)
+    assert [r["step"] for r in read_log(out) if r["kind"] == "step"] == list(range(1, 17))
+
+
+def test_a_signal_delivered_twice_at_once_is_one_request(monkeypatch):
+    """A second SIGTERM within StopFlag.repeat_s of the first (under torchrun a terminal's Ctrl-C or
+    SLURM signals every worker, and the launcher forwards the signal again) only asks for a stop, so
+    the run still saves at the next step boundary; one that comes later stops at once."""
+    monkeypatch.setattr(train.StopFlag, "repeat_s", 0.2)
+    before = signal.getsignal(signal.SIGTERM)
+    with train.StopFlag() as stop:
+        try:
+            signal.raise_signal(signal.SIGTERM)                      # the handler runs before it returns
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("the same signal delivered twice at once stopped the run without saving")
+        assert stop.signal == signal.SIGTERM
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def tiny_step(compile_=False, seed=1):
@@ -297,6 +462,138 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert run_main(args, tmp_path) != 0
     assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]], ids=["new", "resume"])
+def test_run_that_never_saved_starts_afresh(resume, tmp_path, capsys):
+    """A folder with config.json and a log ending in a line cut short, but no ckpt.pt (a kill -9
+    before the first save), is started afresh with or without --resume: exit 0, one note saying so,
+    and the log holds the new run's rows only."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"epochs": 99}))
+    (folder / "log.jsonl").write_text('{"kind": "step", "step": 1, "loss": -1.0}\n{"kind": "step", "st')
+    args = TINY + ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "2",
+                   "--log-every", "1"]
+    assert run_main(args + resume, tmp_path) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "never saved a checkpoint; starting it afresh" in notes[0], notes
+    rows = read_log(folder)
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2, 3, 4]
+    assert all(r.get("loss") != -1.0 for r in rows)
+    assert sit.load_checkpoint(str(folder / "ckpt.pt"))[2]["step"] == 4
+
+
+# --- failures on the way: a full disk, out of memory -----------------------------------------
+
+def test_failed_checkpoint_write_stops_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A checkpoint write that fails (disk full at the second save) ends the run at once with one
+    line naming the path and saying that the previous checkpoint is kept, a non-zero exit status,
+    and that previous checkpoint (epoch 1) still loads whole."""
+    real, calls = sit.atomic_save, []
+
+    def disk_full_the_second_time(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(state, path)
+
+    monkeypatch.setattr(sit, "atomic_save", disk_full_the_second_time)
+    args = TINY + ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "3"]
+    with pytest.raises(SystemExit) as stop:
+        run_main(args, tmp_path)
+    message, path = stop.value.code, str(tmp_path / "run" / "ckpt.pt")
+    assert isinstance(message, str) and "\n" not in message                 # exit status 1, one line
+    assert message.startswith(f"train.py: error: could not write {path} (No space left on device)")
+    assert "previous checkpoint is kept" in message and len(calls) == 2
+    saved = sit.load_checkpoint(path)[2]
+    assert (saved["step"], saved["epoch"]) == (2, 1)
+
+
+def test_atomic_save_cut_short_leaves_no_temp_file(tmp_path, monkeypatch):
+    """torch.save failing mid-write (disk full after some bytes) leaves no temp file beside the
+    checkpoint, and the checkpoint already there unchanged."""
+    path = tmp_path / "ckpt.pt"
+    sit.atomic_save({"step": 1}, str(path))
+
+    def half_written(obj, f):
+        f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError):
+        sit.atomic_save({"step": 2}, str(path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_out_of_memory_is_one_line_naming_batch_size(tmp_path, monkeypatch, capsys):
+    """CUDA running out of memory in a training step ends the run with a non-zero exit status and
+    one line on stderr, on a line of its own (the progress bar cleared), that names --batch-size and
+    what to lower."""
+    def out_of_memory(self, x, u):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Step, "update", out_of_memory)
+    args = TINY + ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "2"]
+    assert run_main(args, tmp_path) not in (0, None)
+    err = capsys.readouterr().err
+    shown = err.split("\r")[-1]                      # what a terminal shows: tqdm redraws with \r
+    assert err.count("\n") == 1 and shown.startswith("train.py: error: out of GPU memory"), repr(err)
+    assert "--batch-size 32" in shown and "lower --batch-size" in shown
+
+
+# --- --time-budget ----------------------------------------------------------------------------
+
+def test_time_budget_sets_epochs_and_ends_on_time(tmp_path):
+    """--time-budget 0.1 (6 s) with --epochs 1000: the run measures its speed, logs one budget row
+    with the N epochs that fit (N < 1000), writes N into config.json and the checkpoint, trains
+    exactly N epochs, exits 0 and ends near the budget."""
+    budget_s = 6
+    t = time.time()
+    code = run_main(TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32",
+                            "--epochs", "1000", "--time-budget", str(budget_s / 60)], tmp_path)
+    seconds = time.time() - t
+    assert code == 0
+    folder = tmp_path / "run"
+    rows = read_log(folder)
+    budget = [r for r in rows if r["kind"] == "budget"]
+    assert len(budget) == 1 and 1 <= budget[0]["epochs"] < 1000, budget
+    n = budget[0]["epochs"]
+    assert json.load(open(folder / "config.json"))["epochs"] == n
+    ckpt = torch.load(folder / "ckpt.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["config"]["epochs"], ckpt["step"]) == (n, n, 8 * n)
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch" and "loss" in r] == list(range(1, n + 1))
+    assert 0.3 * budget_s < seconds < budget_s + 20, f"{seconds:.1f} s for a {budget_s} s budget"
+
+
+CLOCK_SKEW = """import os, time
+if os.environ.get("RANK") == "1":                    # this process's clock runs 3x slow
+    _time, _t0 = time.time, time.time()
+    time.time = lambda: _t0 + (_time() - _t0) / 3
+"""
+
+
+def test_time_budget_under_torchrun_with_clocks_that_differ(tmp_path):
+    """Under torchrun the ranks fit the budget at the same step even when their clocks disagree
+    (here rank 1's runs 3x slow, as a host running ahead of its GPU would measure): one budget row,
+    the run ends after those epochs on both ranks with identical replicas, instead of one rank
+    all-reducing alone (a hang, or gloo aborting)."""
+    (tmp_path / "skew").mkdir()
+    (tmp_path / "skew" / "sitecustomize.py").write_text(CLOCK_SKEW)
+    out = str(tmp_path / "run")
+    path = [str(tmp_path / "skew")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    proc = run_torchrun(TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32", "--epochs",
+                                "1000", "--log-every", "1", "--time-budget", "0.05", "--out", out],
+                        env=dict(PYTHONPATH=os.pathsep.join(path)))
+    _, err = finish(proc, 120)
+    assert proc.returncode == 0, err[-2000:]
+    rows = read_log(out)
+    budget = [r for r in rows if r["kind"] == "budget"]
+    assert len(budget) == 1 and budget[0]["epochs"] < 1000
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["epoch"] == budget[0]["epochs"]
+    assert [r["max_abs_diff"] for r in rows if r["kind"] == "replicas"] == [0.0]
 
 
 # --- learning on real data --------------------------------------------------------------------
