@@ -568,6 +568,24 @@ def test_time_budget_sets_epochs_and_ends_on_time(tmp_path):
     assert 0.3 * budget_s < seconds < budget_s + 20, f"{seconds:.1f} s for a {budget_s} s budget"
 
 
+def test_time_budget_of_a_run_stopped_before_fitting_it_is_fitted_on_resume(tmp_path, monkeypatch):
+    """A --time-budget run stopped (SIGTERM) before it has measured its speed still has its epochs to
+    fit when resumed: one budget row, and N < 1000 epochs trained, not the 1000 of --epochs."""
+    def sigterm_instead(trainer):                     # as a SIGTERM in the run's first seconds
+        signal.raise_signal(signal.SIGTERM)
+
+    args = TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32", "--epochs", "1000",
+                   "--time-budget", "0.05", "--log-every", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train.Trainer, "fit_budget", sigterm_instead)
+        assert run_main(args, tmp_path) == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 1
+    assert run_main(args + ["--resume"], tmp_path) == 0
+    budget = [r for r in read_log(tmp_path / "run") if r["kind"] == "budget"]
+    assert len(budget) == 1 and budget[0]["epochs"] < 1000, budget
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == budget[0]["epochs"]
+
+
 CLOCK_SKEW = """import os, time
 if os.environ.get("RANK") == "1":                    # this process's clock runs 3x slow
     _time, _t0 = time.time, time.time()

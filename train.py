@@ -434,7 +434,7 @@ class Trainer:
         self.train_step = Step(self.model, cfg, self.train_set.mean, self.train_set.std, self.steps_per_epoch,
                                device, self.gen, world)
         self.step, self.epoch = 0, 0
-        self.budget_pending, self.budget_mark = bool(cfg.time_budget) and not cfg.resume, None
+        self.budget_pending, self.budget_mark = bool(cfg.time_budget), None  # epochs still to fit?
         self.saved_at, self.monitor_seconds, self.started = time.time(), 0.0, time.time()
         if cfg.resume:
             self.restore(os.path.join(cfg.out, "ckpt.pt"))
@@ -450,6 +450,7 @@ class Trainer:
         _, loaded, ckpt = sit.load_checkpoint(path, self.device)
         self.model.load_state_dict(loaded.state_dict())
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        self.budget_pending &= ckpt["extra"].get("budget_pending", False)  # stopped before it was fitted
         self.train_step.load_optimizer_state_dict(ckpt["optimizer"], self.step)
         states = ckpt["extra"].get("generators") or [ckpt["extra"]["generator"]]
         if len(states) == self.world:  # every rank's augmentation/corruption/drop-path stream
@@ -475,8 +476,9 @@ class Trainer:
             if self.step:
                 check_finite(self.train_step.peek_loss(), self.step)    # never save weights gone bad
             try:
+                extra = dict(generator=states[0], generators=states, budget_pending=self.budget_pending)
                 sit.save_checkpoint(path, self.cfg, self.model, self.train_step.optimizer_state_dict(), self.step,
-                                    self.epoch, extra=dict(generator=states[0], generators=states))
+                                    self.epoch, extra=extra)
             except OSError as e:
                 raise SystemExit(f"train.py: error: could not write {path} ({e.strerror or e}); the previous "
                                  f"checkpoint is kept: free space or fix the folder, then --resume") from None
