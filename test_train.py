@@ -421,6 +421,18 @@ def test_clip_grad_norm_matches_torch():
     assert torch.linalg.vector_norm(torch.cat([a.flatten() for a in grads])) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_clip_per_tensor_clips_each_tensor_on_its_own():
+    """--clip-mode per-tensor (the authors' choice) brings each gradient tensor over the threshold to
+    it and leaves smaller ones alone, so the update's direction changes; global keeps it."""
+    grads = [torch.full((4,), 3.0), torch.full((4,), 0.1)]          # norms 6 and 0.2
+    train.clip_grad_norm_(grads, 1.0, per_tensor=True)
+    assert torch.linalg.vector_norm(grads[0]) == pytest.approx(1.0, abs=1e-4)
+    assert torch.equal(grads[1], torch.full((4,), 0.1))
+    whole = [torch.full((4,), 3.0), torch.full((4,), 0.1)]
+    train.clip_grad_norm_(whole, 1.0)
+    assert whole[0][0] / whole[1][0] == pytest.approx(30.0)         # direction kept
+
+
 def test_bench_prints_one_line(capsys):
     """--bench times training steps on synthetic data and reports img/s, ms/step and MFU."""
     train.main(TINY + ["--bench", "2", "--batch-size", "16"])
