@@ -126,8 +126,8 @@ class Config:
     clip_grad: float = _f(3.0, "gradient-norm clipping threshold; 0 = off", allowed(0))
     clip_mode: str = _f("global", "clip one norm over all gradients (global) or each parameter tensor's own "
                         "(per-tensor, as the authors' code)", one_of("global", "per-tensor"))
-    head_bn: str = _f("view", "projection heads' batch norm statistics: per view (view) or over both views at "
-                      "once (pair, one call on 2B, as the authors' code)", one_of("view", "pair"))
+    head_bn: str = _f("pair", "projection heads' batch norm statistics: over both views at once (pair, one call "
+                      "on 2B, as the authors' code) or per view (view)", one_of("pair", "view"))
     # --- data ---
     dataset: str = _f("cifar10", "dataset name, or a folder of images (see data.py)")
     data_dir: str = _f("./data", "where datasets are downloaded / read", FOLDER)
@@ -172,6 +172,7 @@ class Config:
     def from_dict(cls, d):
         """Rebuild from a saved dict, ignoring keys this version no longer has."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {"head_bn": "view", **d}        # saved before --head-bn existed: the heads normalised per view
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
@@ -538,8 +539,9 @@ class SiT(nn.Module):
     def project(self, head, cls):
         """Both views' CLS tokens (2B, D) through a projection head -> 2 x (B, D').
 
-        head_bn "view": one head call per view, so each batch norm uses that view's statistics;
-        "pair": one call on all 2B tokens, so the statistics mix both views (the authors' code).
+        head_bn "pair" (default): one call on all 2B tokens, so each batch norm's statistics mix both
+        views, as in the authors' code; "view": one call per view, each with its own statistics.
+        "pair" scored a little higher in the README's ablation (k-NN +0.9, linear +0.4, one seed).
         """
         if self.head_bn == "pair":
             return head(cls).chunk(2)

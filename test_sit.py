@@ -322,7 +322,8 @@ def test_contrastive_loss_matches_hand_computation():
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_sit_loss_symmetric_in_views(mode):
     """Swapping view 1 and view 2 (clean, corrupted and mask together) leaves loss_contr and
-    loss_recons unchanged (train mode with drop_path 0: batch norm uses each view's own statistics)."""
+    loss_recons unchanged (train mode with drop_path 0: the heads' batch norm statistics are those
+    of both views together, which a swap does not change)."""
     cfg = tiny_cfg(drop_path=0.0)
     model = sit.SiT(cfg).train(mode == "train")
     clean, corrupted, mask = two_views(cfg)
@@ -333,8 +334,8 @@ def test_sit_loss_symmetric_in_views(mode):
     torch.testing.assert_close(a["loss_recons"], b["loss_recons"])
     torch.testing.assert_close(a["loss"], cfg.alpha * a["loss_recons"] + a["loss_contr"])
     # The two InfoNCE terms differ, so the symmetry is not that of two equal numbers.
-    q1, q2 = (model.student.head(t) for t in model.student.backbone(corrupted)[:, 0].chunk(2))
-    k1, k2 = (model.teacher.head(t) for t in model.teacher.backbone(clean)[:, 0].chunk(2))
+    q1, q2 = model.project(model.student.head, model.student.backbone(corrupted)[:, 0])
+    k1, k2 = model.project(model.teacher.head, model.teacher.backbone(clean)[:, 0])
     assert not torch.isclose(sit.contrastive_loss(q1, k2, cfg.tau), sit.contrastive_loss(q2, k1, cfg.tau))
 
 
@@ -499,9 +500,19 @@ def test_head_bn_per_view_or_pair():
     cls = torch.randn(8, cfg.dim, generator=torch.Generator().manual_seed(0))
     cls[4:] += 3.0                                                   # the views differ in their statistics
     head = model.student.head
+    assert model.head_bn == "pair"                                   # the default, as the authors' code
+    model.head_bn = "view"
     view = model.project(head, cls)
     model.head_bn = "pair"
     pair = model.project(head, cls)
     assert torch.allclose(view[0], head(cls[:4])) and torch.allclose(view[1], head(cls[4:]))
     assert torch.allclose(torch.cat(pair), head(cls))
     assert not torch.allclose(view[0], pair[0], atol=1e-3)
+
+
+def test_config_from_an_older_checkpoint_keeps_its_head_bn():
+    """A config saved before --head-bn existed rebuilds with the per-view batch norm it trained with;
+    a new one keeps what it saved."""
+    old = {k: v for k, v in tiny_cfg().to_dict().items() if k != "head_bn"}
+    assert sit.Config.from_dict(old).head_bn == "view"
+    assert sit.Config.from_dict(tiny_cfg().to_dict()).head_bn == "pair"
