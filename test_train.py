@@ -675,3 +675,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 4)
     assert all(torch.isfinite(v).all() for v in saved["student"].values() if v.is_floating_point())
+
+
+def test_failed_log_write_is_one_line(tmp_path, monkeypatch, capsys):
+    """A log.jsonl that cannot be written (disk full) ends the run with one line, not a traceback."""
+    def full(self, **row):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "log.jsonl"))
+    monkeypatch.setattr(train.Log, "write", full)
+    code = run_main(TINY + ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "2"],
+                    tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and "log.jsonl" in err[0]

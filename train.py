@@ -752,6 +752,10 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         print(out_of_memory(cfg), file=sys.stderr)
         return 1
+    except OSError as e:  # log.jsonl or config.json on a full or read-only disk
+        print(f"train.py: error: could not write {e.filename or 'to the run folder'} ({e.strerror or e}); "
+              f"the last checkpoint is kept", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
