@@ -576,7 +576,7 @@ def recon_loss(recon, clean, mask):
 
 
 def gather_keys(k):
-    """Teacher keys of every rank (K = B x world, D'), and this rank's offset; identity without DDP."""
+    """Teacher keys of every rank (K = B x world, D'), and this rank's offset; identity in one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return k, 0
     keys = [torch.empty_like(k) for _ in range(dist.get_world_size())]
@@ -678,7 +678,7 @@ def save_checkpoint(path, cfg, model, optimizer=None, step=0, epoch=0, extra=Non
 
     optimizer: the optimizer's state dict (torch.optim's layout), or None.
 
-    `model` is the plain SiT module (not a compiled or DDP wrapper), so keys carry no prefixes.
+    `model` is the plain SiT module (not a compiled wrapper), so keys carry no prefixes.
     The file appears whole or not at all: temp file in the same folder, then rename.
     """
     state = dict(format="sit-checkpoint-v1", config=cfg.to_dict(), torch_version=str(torch.__version__),

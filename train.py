@@ -635,7 +635,7 @@ def check_finite(loss, step):
 
 
 def check_replicas(sit_model, log):
-    """After DDP training every rank must hold the same student; log the largest difference."""
+    """After data-parallel training every rank must hold the same student; log the largest difference."""
     flat = torch.cat([p.detach().float().flatten() for p in sit_model.student.parameters()])
     ref = flat.clone()
     dist.broadcast(ref, src=0)
