@@ -27,7 +27,7 @@ STATS = {  # per-channel mean and std of the training images, in [0, 1]
     "synthetic": ((0.5,) * 3, (0.25,) * 3),
 }
 DATASETS = ("cifar10", "cifar100", "stl10", "fashion-mnist", "mnist", "flowers102", "pets", "synthetic")
-DATASET_RULE = (lambda v: v in DATASETS or os.path.isdir(v),   # a --dataset flag's rule (see sit.allowed)
+DATASET_RULE = (lambda v: v in DATASETS or os.path.isdir(v),   # a --dataset flag's rule (see cli.allowed)
                 f"one of {', '.join(DATASETS)}, or a folder of images")
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import data
 import sit
-from sit import INT, allowed
 
 MODES = ("knn", "linear", "fewshot", "finetune")
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # linear probe grid: lambda of lambda/2 |W|^2
@@ -374,39 +374,39 @@ def load_labelled(args, train):
 
 FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
     "--dataset": data.DATASET_RULE,
-    "--data-dir": sit.FOLDER,
-    "--limit": allowed(0, kind=INT),
-    "--seed": allowed(0, 2**32 - 1, kind=INT),
+    "--data-dir": cli.FOLDER,
+    "--limit": cli.allowed(0, kind=cli.INT),
+    "--seed": cli.allowed(0, 2**32 - 1, kind=cli.INT),
     "--results": (lambda v: v != "" and not os.path.isdir(v), "a file to append to (not a folder)"),
-    "--k": allowed(1, kind=INT),
-    "--probe-steps": allowed(1, kind=INT),
+    "--k": cli.allowed(1, kind=cli.INT),
+    "--probe-steps": cli.allowed(1, kind=cli.INT),
     "--shots": (lambda v: all(s.strip().isascii() and s.strip().isdigit() and int(s) >= 1 for s in v.split(",")),
                 "comma-separated integers >= 1"),
-    "--seeds": allowed(1, kind=INT),
-    "--fewshot-wd": allowed(0),
-    "--epochs": allowed(1, kind=INT),
-    "--batch-size": allowed(1, kind=INT),
-    "--lr": allowed(0, open_lo=True),
-    "--min-lr": allowed(0),
-    "--warmup-epochs": allowed(0),
-    "--weight-decay": allowed(0),
-    "--layer-decay": allowed(0, 1, open_lo=True),
-    "--drop-path": allowed(0, 1, open_hi=True),
-    "--crop-min": allowed(0, 1, open_lo=True),
-    "--randaug-n": allowed(0, kind=INT),
-    "--randaug-m": allowed(0, 10),
-    "--randaug-mstd": allowed(0),
-    "--reprob": allowed(0, 1),
-    "--mixup": allowed(0),
-    "--cutmix": allowed(0),
-    "--mixup-prob": allowed(0, 1),
-    "--mixup-switch-prob": allowed(0, 1),
-    "--smoothing": allowed(0, 1),
+    "--seeds": cli.allowed(1, kind=cli.INT),
+    "--fewshot-wd": cli.allowed(0),
+    "--epochs": cli.allowed(1, kind=cli.INT),
+    "--batch-size": cli.allowed(1, kind=cli.INT),
+    "--lr": cli.allowed(0, open_lo=True),
+    "--min-lr": cli.allowed(0),
+    "--warmup-epochs": cli.allowed(0),
+    "--weight-decay": cli.allowed(0),
+    "--layer-decay": cli.allowed(0, 1, open_lo=True),
+    "--drop-path": cli.allowed(0, 1, open_hi=True),
+    "--crop-min": cli.allowed(0, 1, open_lo=True),
+    "--randaug-n": cli.allowed(0, kind=cli.INT),
+    "--randaug-m": cli.allowed(0, 10),
+    "--randaug-mstd": cli.allowed(0),
+    "--reprob": cli.allowed(0, 1),
+    "--mixup": cli.allowed(0),
+    "--cutmix": cli.allowed(0),
+    "--mixup-prob": cli.allowed(0, 1),
+    "--mixup-switch-prob": cli.allowed(0, 1),
+    "--smoothing": cli.allowed(0, 1),
 }
 
 
 def make_parser():
-    p = sit.Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
+    p = cli.Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py")
     p.add_argument("--mode", required=True, choices=MODES, help="which evaluation")
@@ -456,7 +456,7 @@ def make_parser():
 def parse_args(argv):
     p = make_parser()
     args = p.parse_args(argv)
-    sit.check_flags(p, args, FLAGS)
+    cli.check_flags(p, args, FLAGS)
     args.shots = [int(s) for s in args.shots.split(",")]
     if args.raw_pixels and args.mode == "finetune":
         p.error("--raw-pixels: a frozen-feature baseline (knn, linear, fewshot), not for --mode finetune")

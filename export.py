@@ -16,10 +16,10 @@ import argparse
 import json
 import os
 import re
-import sys
 
 import torch
 
+import cli
 import data
 import sit
 
@@ -201,7 +201,7 @@ def export(checkpoint, fmt="timm", student=False, out=None):
 
 
 def main(argv=None):
-    p = sit.Parser(prog="export.py", description=__doc__.split("\n\n")[0],
+    p = cli.Parser(prog="export.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py, or a finetuned.pt written by eval.py")
     p.add_argument("--format", default="timm", choices=FORMATS, help="key layout of the exported state dict")

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import eval as ev
+import cli
 import sit
 import train
 import visualize
@@ -245,7 +246,7 @@ def test_every_train_flag_has_bad_values_here():
     data.DATASET_RULE, --out in check_run_folder)."""
     takes_value = {flag for flag, f in CONFIG_FIELDS.items() if f.type not in (bool, "bool")}
     assert set(TRAIN_BAD) == takes_value
-    unruled = {flag for flag in takes_value if CONFIG_FIELDS[flag].metadata["rule"] is sit.ANY}
+    unruled = {flag for flag in takes_value if CONFIG_FIELDS[flag].metadata["rule"] is cli.ANY}
     assert unruled == {"--dataset", "--out"}
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli
 import data
 import sit
 from eval import features, knn_accuracy
@@ -37,10 +38,10 @@ class RunError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = sit.Parser(prog="train.py", description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).")
+    parser = cli.Parser(prog="train.py", description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).")
     sit.Config.add_args(parser)
     args = parser.parse_args(argv)                                   # a value of the wrong type: exit 2
-    problem = sit.bad_value("--dataset", args.dataset, data.DATASET_RULE)  # its rule lives in data.py
+    problem = cli.bad_value("--dataset", args.dataset, data.DATASET_RULE)  # its rule lives in data.py
     if problem:
         raise RunError(problem)
     try:

@@ -9,7 +9,6 @@ Needs nothing but the checkpoint (it holds its Config) and the images; headless,
 Figures are drawn on matplotlib's Figure directly, without pyplot: no display and no GUI backend is
 ever touched (the same effect as matplotlib.use("Agg")), and no global figure state is left behind.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -21,9 +20,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+import cli
 import data
 import sit
-from sit import INT, allowed
 
 CELL, GAP = 1.2, 0.03       # inches per image panel, and the white margin inside it
 LABEL, TOP, PAD = 1.15, 0.5, 0.08   # inches: left of the grid (row labels), above (title), right/below
@@ -311,11 +310,11 @@ def make_figure(args):
 
 MAX_N = 256   # images per figure: wider figures pass what matplotlib's Agg can draw (2^16 px)
 FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
-    "--n": allowed(1, MAX_N, kind=INT),
-    "--seed": allowed(0, 2**32 - 1, kind=INT),
-    "--drop-perc": allowed(0, 1),
+    "--n": cli.allowed(1, MAX_N, kind=cli.INT),
+    "--seed": cli.allowed(0, 2**32 - 1, kind=cli.INT),
+    "--drop-perc": cli.allowed(0, 1),
     "--dataset": data.DATASET_RULE,
-    "--data-dir": sit.FOLDER,
+    "--data-dir": cli.FOLDER,
     "--images": (os.path.isdir, "an existing folder of images"),
     "--log": (os.path.isfile, "an existing log.jsonl file"),
     "--out": (lambda v: v != "" and not os.path.isdir(v), "a PNG file path (not a folder)"),
@@ -323,7 +322,7 @@ FLAGS = {  # flag: (valid when, what is allowed); every value of the command lin
 
 
 def make_parser():
-    p = sit.Parser(prog="visualize.py", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="visualize.py", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="checkpoint written by train.py (holds its Config)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--attention", action="store_true", help="CLS attention maps instead of reconstructions")
@@ -345,7 +344,7 @@ def make_parser():
 def parse_args(argv):
     p = make_parser()
     args = p.parse_args(argv)
-    sit.check_flags(p, args, FLAGS)
+    cli.check_flags(p, args, FLAGS)
     return args
 
 
