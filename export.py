@@ -192,10 +192,7 @@ def export(checkpoint, fmt="timm", student=False, out=None):
     record = dict(arch, encoder=info["encoder"], epoch=info["epoch"], weights=os.path.basename(pth),
                   source=os.path.abspath(checkpoint), python=python_lines(arch, os.path.basename(pth)))
     sit.atomic_save(convert(vit, head, fmt), pth)
-    tmp = meta + ".tmp"   # the JSON appears whole or not at all, like the weights
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, meta)
+    sit.atomic_write(meta, lambda f: f.write(json.dumps(record, indent=1).encode()))
     return pth, meta, record
 
 

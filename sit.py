@@ -607,14 +607,15 @@ def pick_device(name="auto", index=0):
     return torch.device("cuda", index) if name == "cuda" else torch.device(name)
 
 
-def atomic_save(state, path):
-    """torch.save `state` so that `path` appears whole or not at all: temp file, fsync, rename."""
+def atomic_write(path, write):
+    """Call write(f) on a binary temp file beside `path` (.NAME.*.tmp), fsync, rename it to `path`:
+    the file appears whole or not at all, and a failed write leaves the old one as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -622,6 +623,11 @@ def atomic_save(state, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(state, path):
+    """torch.save `state` to `path` with `atomic_write`."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def save_checkpoint(path, cfg, model, optimizer=None, step=0, epoch=0, extra=None):

@@ -240,7 +240,7 @@ def test_save_every_checkpoints_mid_epoch_and_resumes_exactly(straight, tmp_path
     finish(proc, 60)
     assert cut_step is not None, "no checkpoint inside an epoch"
     assert torch.load(ckpt, weights_only=True)["step"] == cut_step
-    with open(os.path.join(out, ".ckpt-cut-short.tmp"), "wb") as f:  # as a kill during a save leaves
+    with open(os.path.join(out, ".ckpt.pt.cut-short.tmp"), "wb") as f:  # as a kill during a save leaves
         f.write(b"partial")
     resumed = run_cli(args + ["--resume"], stdout=subprocess.PIPE)
     printed, err = finish(resumed)

@@ -337,10 +337,7 @@ def knn_monitor(sit_model, bank, test, cfg):
 
 def write_json(path, obj):
     """Write `obj` as JSON so that `path` appears whole or not at all."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    sit.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def row_of(line):
@@ -353,10 +350,10 @@ def row_of(line):
 
 
 def remove_partial_saves(folder):
-    """Delete the temp files of checkpoint writes that a kill cut short (sit.atomic_save's
-    .ckpt-*.tmp, each as large as a checkpoint), so that preemptions do not fill the disk."""
+    """Delete the temp files of checkpoint writes that a kill cut short (sit.atomic_write's
+    .ckpt.pt.*.tmp, each as large as a checkpoint), so that preemptions do not fill the disk."""
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        if name.startswith(".ckpt-") and name.endswith(".tmp"):
+        if name.startswith(".ckpt.pt.") and name.endswith(".tmp"):
             os.remove(os.path.join(folder, name))
 
 
@@ -370,9 +367,7 @@ class Log:
             with open(path) as f:
                 rows = [row_of(l) for l in f]
             lines = [json.dumps(r) + "\n" for r in rows if r is not None and r.get("step", 0) <= keep_until_step]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(path + ".tmp", path)
+            sit.atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
     def write(self, **row):
         if self.enabled:
