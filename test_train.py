@@ -76,6 +76,18 @@ def finish(proc, timeout=300):
         raise AssertionError(f"still running after {timeout} s; killed") from None
 
 
+def torchrun_to_the_end(args, out):
+    """(returncode, stderr) of a torchrun run into `out` awaited to its end. gloo on this CPU now and
+    then aborts a worker (SIGABRT, about 2 launches in 100, cause not found yet): such a launch is
+    continued once with --resume, which must then end as if never stopped (the promise under test)."""
+    proc = run_torchrun(args + ["--out", str(out)])
+    _, err = finish(proc)
+    if proc.returncode != 0 and "exitcode  : -6" in err:  # --resume also starts one that never saved
+        proc = run_torchrun(args + ["--out", str(out)] + ([] if "--resume" in args else ["--resume"]))
+        _, err = finish(proc)
+    return proc.returncode, err
+
+
 def wait_for_log_lines(folder, n, proc, timeout=120):
     """Wait until log.jsonl in `folder` holds n lines (the run is training), or `proc` has ended."""
     log, deadline = os.path.join(folder, "log.jsonl"), time.time() + timeout
@@ -115,9 +127,8 @@ def straight(tmp_path_factory):
 def ddp_straight(tmp_path_factory):
     """The folder of the RESUMED run, uninterrupted, under torchrun (2 gloo processes)."""
     out = tmp_path_factory.mktemp("ddp_straight")
-    proc = run_torchrun(RESUMED + ["--out", str(out)])
-    _, err = finish(proc)
-    assert proc.returncode == 0, err[-2000:]
+    code, err = torchrun_to_the_end(RESUMED, out)
+    assert code == 0, err[-2000:]
     return out
 
 
@@ -309,9 +320,8 @@ def test_torchrun_sigterm_to_one_worker_stops_both_at_one_step_and_resumes_exact
     assert re.search(rf"interrupted: saved \S+ at step {saved['step']};", err), err[-2000:]  # rank 0
     assert 0 < saved["step"] < 16 and saved["step"] % 8
     assert len(saved["extra"]["generators"]) == 2
-    resumed = run_torchrun(RESUMED + ["--out", out, "--resume"])
-    _, err = finish(resumed)
-    assert resumed.returncode == 0, err[-2000:]
+    code, err = torchrun_to_the_end(RESUMED + ["--resume"], out)
+    assert code == 0, err[-2000:]
     a = torch.load(os.path.join(ddp_straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 16
