@@ -389,3 +389,25 @@ def test_raw_pixel_knn_baseline(ckpt):
     _, encoded = run(ckpt, "--mode", "knn", "--limit", "400")
     assert line["raw_pixels"] is True and encoded["raw_pixels"] is False
     assert 10 < line["accuracy"] <= 100 and line["accuracy"] != encoded["accuracy"]
+
+
+def test_evaluation_uses_the_teacher_unless_asked(tmp_path):
+    """In a checkpoint whose teacher differs from its student, the encoder evaluated is the
+    teacher's backbone (its features, not the student's), and --random-init a fresh one."""
+    cfg = sit.Config(model="tiny", dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64,
+                     proj_dim=16, dataset="synthetic")
+    model = sit.SiT(cfg).eval()
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.1)
+    path = str(tmp_path / "ckpt.pt")
+    sit.save_checkpoint(path, cfg, model, epoch=1)
+    _, vit, epochs = ev.load_encoder(ev.parse_args([path, "--mode", "knn"]), torch.device("cpu"))
+    images = data.synthetic(train=False, n=8).images
+    mean, std = data.STATS["synthetic"]
+    got = ev.features(vit, images, 16, mean, std)
+    with torch.no_grad():
+        x = data.prepare(images, 16, mean, std)
+        teacher, student = model.teacher.backbone(x)[:, 0], model.student.backbone(x)[:, 0]
+    torch.testing.assert_close(got, teacher)
+    assert not torch.allclose(got, student, atol=1e-3) and epochs == 1

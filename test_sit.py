@@ -516,3 +516,88 @@ def test_config_from_an_older_checkpoint_keeps_its_head_bn():
     old = {k: v for k, v in tiny_cfg().to_dict().items() if k != "head_bn"}
     assert sit.Config.from_dict(old).head_bn == "view"
     assert sit.Config.from_dict(tiny_cfg().to_dict()).head_bn == "pair"
+
+
+# ------------------------------------------------------------------------------------------------
+# The method's promises, each checked against values written out here with plain torch lines
+# ------------------------------------------------------------------------------------------------
+
+def distinct_teacher(cfg, seed=3):
+    """A SiT whose teacher differs from its student (as after training), in eval mode, no drop path."""
+    model = sit.SiT(cfg).eval()
+    g = gen(seed)
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_reconstruction_target_is_the_clean_view_over_corrupted_pixels_only():
+    """loss_recons = mean |decoder(student(corrupted)) - clean| over the corrupted pixels (all
+    channels), written out here; it does not move when clean pixels outside the mask change, and it
+    does when they change inside it."""
+    cfg = tiny_cfg(drop_path=0.0)
+    model = distinct_teacher(cfg)
+    clean, corrupted, mask = two_views(cfg)
+    with torch.no_grad():
+        out = model(clean, corrupted, mask)
+        tokens = model.student.backbone(corrupted)                   # the student sees the corrupted views
+        pixels = model.student.decoder.to_pixels(model.student.decoder.mlp(tokens[:, 1:]))
+        recon = pixels.view(8, 4, 4, 4, 4, 3).permute(0, 5, 1, 3, 2, 4).reshape(8, 3, 16, 16)
+        m = mask.expand_as(clean)
+        expected = (recon - clean).abs()[m].mean()
+        torch.testing.assert_close(out["loss_recons"], expected)
+        torch.testing.assert_close(out["recon"], recon)
+        outside = torch.where(m, clean, clean + 3.0)
+        inside = torch.where(m, clean + 3.0, clean)
+        torch.testing.assert_close(model(outside, corrupted, mask)["loss_recons"], expected)
+        assert model(inside, corrupted, mask)["loss_recons"] > expected + 1
+
+
+def info_nce(q, k, tau):
+    """2 tau x mean_i -log softmax_j(cos(q_i, k_j) / tau)[i], written out."""
+    q = q / q.norm(dim=1, keepdim=True)
+    k = k / k.norm(dim=1, keepdim=True)
+    logits = q @ k.t() / tau
+    return -(logits.diag() - logits.exp().sum(1).log()).mean() * 2 * tau
+
+
+@pytest.mark.parametrize("head_bn", ["pair", "view"])
+def test_contrastive_loss_pairs_each_student_view_with_the_teachers_other_clean_view(head_bn):
+    """loss_contr = InfoNCE(student view 1, teacher view 2) + InfoNCE(student view 2, teacher view 1):
+    the student embeds the corrupted views, the teacher (which differs from it) the clean ones; the
+    same-view pairing gives another value."""
+    cfg = tiny_cfg(drop_path=0.0, head_bn=head_bn)
+    model = distinct_teacher(cfg)
+    clean, corrupted, mask = two_views(cfg)
+    with torch.no_grad():
+        out = model(clean, corrupted, mask)
+
+        def embed(part, x):
+            cls = part.backbone(x)[:, 0]
+            if head_bn == "pair":
+                return part.head(cls).chunk(2)
+            return part.head(cls[:4]), part.head(cls[4:])
+        q1, q2 = embed(model.student, corrupted)
+        k1, k2 = embed(model.teacher, clean)
+        expected = info_nce(q1, k2, cfg.tau) + info_nce(q2, k1, cfg.tau)
+        same_view = info_nce(q1, k1, cfg.tau) + info_nce(q2, k2, cfg.tau)
+        torch.testing.assert_close(out["loss_contr"], expected)
+        assert not torch.isclose(expected, same_view, rtol=1e-3)
+        torch.testing.assert_close(out["loss"], cfg.alpha * out["loss_recons"] + expected)
+
+
+def test_teacher_sees_the_clean_views_and_gets_no_gradient():
+    """Corrupting the teacher's input would change loss_contr: with the clean views fixed, changing
+    the corrupted views inside their mask leaves every teacher embedding as it was; backward gives
+    no teacher parameter a gradient, while the student's get one."""
+    cfg = tiny_cfg(drop_path=0.0)
+    model = distinct_teacher(cfg)
+    clean, corrupted, mask = two_views(cfg)
+    seen = []
+    model.teacher.backbone.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    out = model(clean, corrupted, mask)
+    assert len(seen) == 1 and torch.equal(seen[0], clean)
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.student.backbone.parameters())

@@ -220,3 +220,48 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert r.returncode != 0
     assert r.stderr.startswith("visualize.py: error: checkpoint not found") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
+
+
+def test_attention_maps_are_the_cls_query_row_written_out(tiny):
+    """attention_maps = softmax(q_CLS k^T / sqrt(d)) of the last block over the N patch keys (the
+    CLS key dropped), per head, each patch's weight spread over its P x P pixels: computed here from
+    the blocks' weights with plain torch lines."""
+    cfg, model = tiny
+    vit = model.teacher.backbone
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        t = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)         # (B, N, D)
+        t = torch.cat([vit.cls_token.expand(2, -1, -1), t], 1) + vit.pos_embed
+        for block in vit.blocks[:-1]:
+            t = block(t)
+        last = vit.blocks[-1]
+        y = torch.nn.functional.layer_norm(t, (cfg.dim,), last.norm1.weight, last.norm1.bias, 1e-6)
+        qkv = y @ last.attn.qkv.weight.t() + last.attn.qkv.bias         # (B, 1 + N, 3D)
+        d = cfg.dim // cfg.heads
+        q = qkv[:, 0, :cfg.dim].reshape(2, cfg.heads, 1, d)             # the CLS query only
+        k = qkv[:, :, cfg.dim:2 * cfg.dim].reshape(2, 17, cfg.heads, d).transpose(1, 2)
+        w = torch.softmax(q @ k.transpose(-2, -1) / d ** 0.5, -1)[:, :, 0, 1:]   # (B, h, N)
+    maps = visualize.attention_maps(vit, x)
+    torch.testing.assert_close(maps[..., ::4, ::4], w.reshape(2, cfg.heads, 4, 4))
+
+
+def test_pictures_use_the_teacher_for_attention_and_the_student_for_reconstructions(tmp_path, monkeypatch):
+    """In a checkpoint whose teacher differs from its student, --attention draws the teacher's
+    backbone and the reconstructions come from the student (the decoder is the student's)."""
+    cfg = sit.Config(**TINY)
+    model = sit.SiT(cfg).eval()
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.1)
+    path = tmp_path / "run" / "ckpt.pt"
+    sit.save_checkpoint(str(path), cfg, model, step=4, epoch=1)
+    seen = {}
+    maps, rows = visualize.attention_maps, visualize.reconstruction_rows
+    monkeypatch.setattr(visualize, "attention_maps", lambda b, x: seen.setdefault("attn", b) and maps(b, x))
+    monkeypatch.setattr(visualize, "reconstruction_rows",
+                        lambda m, c, x, g: seen.setdefault("recon", m) and rows(m, c, x, g))
+    visualize.main([str(path), "--n", "2", "--attention", "--out", str(tmp_path / "a.png")])
+    visualize.main([str(path), "--n", "2", "--out", str(tmp_path / "r.png")])
+    assert torch.equal(seen["attn"].pos_embed, model.teacher.backbone.pos_embed)
+    assert not torch.equal(seen["attn"].pos_embed, model.student.backbone.pos_embed)
+    assert torch.equal(seen["recon"].student.backbone.pos_embed, model.student.backbone.pos_embed)
