@@ -3,7 +3,7 @@
 A dataset is an `ImageData`: uint8 images (N, C, S, S) held once in memory (moved to the training
 device by the caller) plus labels where the dataset has them. Folders of large images that would
 not fit are streamed instead through a DataLoader with workers (`ImageData.files`). Either way the
-two augmented views (PAPER.md, "Views") are made on the device, batched, from a seeded generator.
+two augmented views of the paper are made on the device, batched; random numbers come from rng.py.
 """
 import functools
 import gzip
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import sit
+import rng
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 STATS = {  # per-channel mean and std of the training images, in [0, 1]
@@ -26,6 +26,14 @@ STATS = {  # per-channel mean and std of the training images, in [0, 1]
     "mnist": ((0.1307,) * 3, (0.3081,) * 3),
     "synthetic": ((0.5,) * 3, (0.25,) * 3),
 }
+
+
+def stats(dataset):
+    """(mean, std) per channel, in [0, 1], that `dataset`'s images are normalised with (as `load`
+    gives them: ImageNet's for folders, flowers102 and pets)."""
+    return STATS.get(dataset, IMAGENET_STATS)
+
+
 DATASETS = ("cifar10", "cifar100", "stl10", "fashion-mnist", "mnist", "flowers102", "pets", "synthetic")
 DATASET_RULE = (lambda v: v in DATASETS or os.path.isdir(v),   # a --dataset flag's rule (see cli.allowed)
                 f"one of {', '.join(DATASETS)}, or a folder of images")
@@ -293,25 +301,25 @@ def prepare(x, size, mean, std):
     return normalize(x, mean, std)
 
 
-def rand(B, generator, device, lo=0.0, hi=1.0):
-    """(B,) uniform in [lo, hi) from a torch.Generator or a sit.Uniforms stream (the training step's)."""
-    return lo + (hi - lo) * sit.uniform((B,), generator, device)
+def rand(B, device, lo=0.0, hi=1.0):
+    """(B,) uniform in [lo, hi): rng.rand, which the training step replays."""
+    return lo + (hi - lo) * rng.rand(B, device=device)
 
 
-def random_resized_crop(x, size, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5):
+def random_resized_crop(x, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5):
     """Per-image crop of area share ~U(scale) and aspect ~logU(ratio), resized to size; flip p 0.5.
 
     One affine grid_sample for the batch. Differs from torchvision: a crop that would not fit is
     clamped to the image instead of re-drawn (up to 10 times) and falling back to a centre crop.
     """
     B, dev = x.shape[0], x.device
-    area = rand(B, generator, dev, *scale)
-    log_r = rand(B, generator, dev, math.log(ratio[0]), math.log(ratio[1]))
+    area = rand(B, dev, *scale)
+    log_r = rand(B, dev, math.log(ratio[0]), math.log(ratio[1]))
     w = (area * log_r.exp()).sqrt().clamp(max=1)                    # crop width / image width
     h = (area / log_r.exp()).sqrt().clamp(max=1)
-    cx = (2 * rand(B, generator, dev) - 1) * (1 - w)                # crop centre, in [-1, 1] coords
-    cy = (2 * rand(B, generator, dev) - 1) * (1 - h)
-    sign = torch.where(rand(B, generator, dev) < flip, -1.0, 1.0)
+    cx = (2 * rand(B, dev) - 1) * (1 - w)                # crop centre, in [-1, 1] coords
+    cy = (2 * rand(B, dev) - 1) * (1 - h)
+    sign = torch.where(rand(B, dev) < flip, -1.0, 1.0)
     theta = torch.zeros(B, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
     grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
@@ -332,20 +340,20 @@ def yiq_matrices(device):
     return constant(RGB_TO_YIQ, device), constant(YIQ_TO_RGB, device)
 
 
-def color_jitter(x, generator, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+def color_jitter(x, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     """Brightness, contrast, saturation and hue jitter, each image with probability p.
 
     Differs from torchvision: a fixed order (not a random one) and hue rotated in YIQ space
     (a 3x3 matrix per image) instead of through HSV; both keep it a few batched ops.
     """
     B, dev = x.shape[0], x.device
-    on = (rand(B, generator, dev) < p).float().view(B, 1, 1, 1)
+    on = (rand(B, dev) < p).float().view(B, 1, 1, 1)
     def factor(a):
-        return 1 + on * (rand(B, generator, dev, -a, a).view(B, 1, 1, 1))
+        return 1 + on * (rand(B, dev, -a, a).view(B, 1, 1, 1))
     x = (x * factor(brightness)).clamp(0, 1)
     x = ((x - gray(x).mean((2, 3), keepdim=True)) * factor(contrast) + gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
     x = ((x - gray(x)) * factor(saturation) + gray(x)).clamp(0, 1)
-    angle = on.view(B) * rand(B, generator, dev, -hue, hue) * 2 * math.pi
+    angle = on.view(B) * rand(B, dev, -hue, hue) * 2 * math.pi
     to_yiq, from_yiq = yiq_matrices(dev)
     c, s = angle.cos(), angle.sin()
     rot = torch.zeros(B, 3, 3, device=dev)
@@ -354,17 +362,17 @@ def color_jitter(x, generator, p=0.8, brightness=0.4, contrast=0.4, saturation=0
     return torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
 
 
-def random_grayscale(x, generator, p=0.2):
-    on = (rand(x.shape[0], generator, x.device) < p).view(-1, 1, 1, 1)
+def random_grayscale(x, p=0.2):
+    on = (rand(x.shape[0], x.device) < p).view(-1, 1, 1, 1)
     return torch.where(on, gray(x).expand_as(x), x)
 
 
-def gaussian_blur(x, generator, p, sigma=(0.1, 2.0)):
+def gaussian_blur(x, p, sigma=(0.1, 2.0)):
     """Per-image Gaussian blur with probability p, sigma ~ U(sigma) (pixels), separable, one conv each way."""
     B, C, H, W = x.shape
     dev = x.device
-    s = rand(B, generator, dev, *sigma)
-    s = torch.where(rand(B, generator, dev) < p, s, torch.full_like(s, 1e-3))  # ~ identity kernel
+    s = rand(B, dev, *sigma)
+    s = torch.where(rand(B, dev) < p, s, torch.full_like(s, 1e-3))  # ~ identity kernel
     r = max(1, math.ceil(3 * sigma[1]))
     t = torch.arange(-r, r + 1, device=dev, dtype=x.dtype)
     k = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))
@@ -375,12 +383,12 @@ def gaussian_blur(x, generator, p, sigma=(0.1, 2.0)):
     return y.view(B, C, H, W)
 
 
-def solarize(x, generator, p):
-    on = (rand(x.shape[0], generator, x.device) < p).view(-1, 1, 1, 1)
+def solarize(x, p):
+    on = (rand(x.shape[0], x.device) < p).view(-1, 1, 1, 1)
     return torch.where(on & (x >= 0.5), 1 - x, x)
 
 
-def augment(x, size, generator, blur_p, solarize_p):
+def augment(x, size, blur_p, solarize_p):
     """One view: uint8 (B, C, S, S) -> float (B, 3, size, size) in [0, 1].
 
     Images larger than `size` (STL-10's 96 px for 32 px training) are first shrunk to it with
@@ -390,21 +398,21 @@ def augment(x, size, generator, blur_p, solarize_p):
     x = to_unit(x)
     if x.shape[-1] > size or x.shape[-2] > size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    x = random_resized_crop(x, size, generator)
-    x = random_grayscale(color_jitter(x, generator), generator)
+    x = random_resized_crop(x, size)
+    x = random_grayscale(color_jitter(x))
     # The reference blurs images upsampled to 224 px with sigma in [0.1, 2]; at other sizes the same
     # relative blur is sigma x size / 224.
-    x = gaussian_blur(x, generator, blur_p, sigma=(0.1 * size / 224, 2.0 * size / 224))
-    return solarize(x, generator, solarize_p)
+    x = gaussian_blur(x, blur_p, sigma=(0.1 * size / 224, 2.0 * size / 224))
+    return solarize(x, solarize_p)
 
 
-def two_views(x, size, mean, std, generator):
+def two_views(x, size, mean, std):
     """The two normalised views of a uint8 batch, stacked (2B, 3, size, size): [view 1; view 2].
 
     View 1: blur p 1.0. View 2: blur p 0.1, solarize p 0.2 (as in BYOL/DINO and the reference).
     """
-    v1 = augment(x, size, generator, blur_p=1.0, solarize_p=0.0)
-    v2 = augment(x, size, generator, blur_p=0.1, solarize_p=0.2)
+    v1 = augment(x, size, blur_p=1.0, solarize_p=0.0)
+    v2 = augment(x, size, blur_p=0.1, solarize_p=0.2)
     return normalize(torch.cat([v1, v2]), mean, std)
 
 
@@ -505,7 +513,7 @@ def colour_ops(x, pick, level, signed):
     return torch.where(on("sharpness"), enhance(x, smooth(x), factor), x)
 
 
-def rand_augment(x, generator, n=2, magnitude=9.0, magnitude_std=0.5, p=0.5, fill=(0.5, 0.5, 0.5)):
+def rand_augment(x, n=2, magnitude=9.0, magnitude_std=0.5, p=0.5, fill=(0.5, 0.5, 0.5)):
     """RandAugment as timm's "rand-m9-mstd0.5-inc1" (DeiT's and MAE's): x (B, 3, H, W) in [0, 1].
 
     n times, each image picks one of the 15 RAND_AUGMENT_OPS (with replacement), applies it with
@@ -520,15 +528,15 @@ def rand_augment(x, generator, n=2, magnitude=9.0, magnitude_std=0.5, p=0.5, fil
     B, dev = x.shape[0], x.device
     K = len(RAND_AUGMENT_OPS)
     for _ in range(n):
-        pick = (rand(B, generator, dev) * K).long().clamp(max=K - 1)
-        pick = torch.where(rand(B, generator, dev) < p, pick, -1)   # -1: this image skips the op
-        level = (magnitude + magnitude_std * sit.normal((B,), generator, dev)).clamp(0, 10) / 10
-        signed = level * torch.where(rand(B, generator, dev) < 0.5, -1.0, 1.0)
+        pick = (rand(B, dev) * K).long().clamp(max=K - 1)
+        pick = torch.where(rand(B, dev) < p, pick, -1)   # -1: this image skips the op
+        level = (magnitude + magnitude_std * rng.randn(B, device=dev)).clamp(0, 10) / 10
+        signed = level * torch.where(rand(B, dev) < 0.5, -1.0, 1.0)
         x = colour_ops(affine_ops(x, pick, signed, fill), pick, level, signed)
     return x
 
 
-def random_erasing(x, generator, p=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
+def random_erasing(x, p=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
     """With probability p per image, one rectangle of normalised x (B, C, H, W) becomes N(0, 1) noise.
 
     Area share ~ U(area), aspect h/w ~ logU(aspect), noise per pixel and channel (timm's "pixel"
@@ -537,20 +545,20 @@ def random_erasing(x, generator, p=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.
     """
     B, C, H, W = x.shape
     dev = x.device
-    target = rand(B, generator, dev, *area) * H * W                  # (B,) pixels
-    aspect = rand(B, generator, dev, math.log(aspect[0]), math.log(aspect[1])).exp()
+    target = rand(B, dev, *area) * H * W                  # (B,) pixels
+    aspect = rand(B, dev, math.log(aspect[0]), math.log(aspect[1])).exp()
     h = (target * aspect).sqrt().round().clamp(1, H)
     w = (target / aspect).sqrt().round().clamp(1, W)
-    top = (rand(B, generator, dev) * (H - h + 1)).floor().view(B, 1, 1)
-    left = (rand(B, generator, dev) * (W - w + 1)).floor().view(B, 1, 1)
-    on = (rand(B, generator, dev) < p).view(B, 1, 1)
+    top = (rand(B, dev) * (H - h + 1)).floor().view(B, 1, 1)
+    left = (rand(B, dev) * (W - w + 1)).floor().view(B, 1, 1)
+    on = (rand(B, dev) < p).view(B, 1, 1)
     ys, xs = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
     box = on & (ys >= top) & (ys < top + h.view(B, 1, 1)) & (xs >= left) & (xs < left + w.view(B, 1, 1))
-    noise = sit.normal((B, C, H, W), generator, dev).to(x.dtype)
+    noise = rng.randn(B, C, H, W, device=dev).to(x.dtype)
     return torch.where(box.unsqueeze(1), noise, x)                   # (B, 1, H, W) box, per channel
 
 
-def finetune_view(x, size, mean, std, generator, crop_min=0.08, randaug_n=2, randaug_m=9.0,
+def finetune_view(x, size, mean, std, crop_min=0.08, randaug_n=2, randaug_m=9.0,
                   randaug_mstd=0.5, reprob=0.25):
     """DeiT's training transform: uint8 (B, C, S, S) -> normalised float (B, 3, size, size).
 
@@ -560,8 +568,8 @@ def finetune_view(x, size, mean, std, generator, crop_min=0.08, randaug_n=2, ran
     x = to_unit(x)
     if x.shape[-1] > size or x.shape[-2] > size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    x = random_resized_crop(x, size, generator, scale=(crop_min, 1.0))
+    x = random_resized_crop(x, size, scale=(crop_min, 1.0))
     if randaug_n:
-        x = rand_augment(x, generator, randaug_n, randaug_m, randaug_mstd, fill=mean)
+        x = rand_augment(x, randaug_n, randaug_m, randaug_mstd, fill=mean)
     x = normalize(x, mean, std)
-    return random_erasing(x, generator, reprob) if reprob > 0 else x
+    return random_erasing(x, reprob) if reprob > 0 else x

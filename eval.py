@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
 import data
+import rng
+import runtime
 import sit
 
 MODES = ("knn", "linear", "fewshot", "finetune")
@@ -245,7 +246,7 @@ def mix(x, targets, mixup, cutmix, rng, prob=1.0, switch_prob=0.5):
     return x, lam * targets + (1 - lam) * targets.flip(0)
 
 
-def finetune_epoch(model, opt, images, labels, test, stats, args, epoch, generator, rng):
+def finetune_epoch(model, opt, images, labels, test, stats, args, epoch, generator, host):
     """One epoch over uint8 images (N, C, S, S) on the device; returns (mean loss, test top-1 %)."""
     model.train()
     size, (mean, std), C = args.img_size, stats, model.head.out_features
@@ -255,10 +256,11 @@ def finetune_epoch(model, opt, images, labels, test, stats, args, epoch, generat
     for s in range(steps):
         set_lr(opt, sit.lr_at(epoch * steps + s, args, steps))       # warm-up, then cosine
         idx = order[s * args.batch_size:(s + 1) * args.batch_size]
-        x = data.finetune_view(images[idx], size, mean, std, generator, args.crop_min, args.randaug_n,
-                               args.randaug_m, args.randaug_mstd, args.reprob)
+        with rng.source(generator):
+            x = data.finetune_view(images[idx], size, mean, std, args.crop_min, args.randaug_n, args.randaug_m,
+                                   args.randaug_mstd, args.reprob)
         t = smooth_targets(labels[idx], C, args.smoothing)
-        x, t = mix(x, t, args.mixup, args.cutmix, rng, args.mixup_prob, args.mixup_switch_prob)
+        x, t = mix(x, t, args.mixup, args.cutmix, host, args.mixup_prob, args.mixup_switch_prob)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), t)                     # soft targets
@@ -311,23 +313,24 @@ def run_fewshot(args, backbone, train, test):
 
 def run_finetune(args, backbone, train, test):
     """Fine-tune; saves finetuned.pt (state dict + config, plain types) beside the results file."""
+    torch.manual_seed(args.seed)                                      # the head's initialisation
     model = Classifier(backbone, train.num_classes).to(next(backbone.parameters()).device)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay), lr=0.0)
     images, labels = train.images.to(model.head.weight.device), train.labels.to(model.head.weight.device)
     if len(images) < args.batch_size:
         raise EvalError(f"--batch-size {args.batch_size} exceeds the {len(images)} training images")
     generator = torch.Generator(images.device).manual_seed(args.seed)
-    rng, accs = np.random.default_rng(args.seed), []
+    host, accs = np.random.default_rng(args.seed), []
     print(f"{'epoch':>7} {'loss':>7} {'top-1':>7} {'seconds':>8}")
     start = time.time()
     for epoch in range(args.epochs):
         loss, acc = finetune_epoch(model, opt, images, labels, test, (train.mean, train.std), args,
-                                   epoch, generator, rng)
+                                   epoch, generator, host)
         accs.append(acc)
         print(f"{epoch + 1:>7} {loss:>7.4f} {acc:>7.2f} {time.time() - start:>8.1f}")
     name = "finetuned-random-init.pt" if args.random_init else "finetuned.pt"
     path = os.path.join(os.path.dirname(os.path.abspath(args.results)), name)
-    sit.atomic_save(dict(format="sit-finetuned-v1", config=args.cfg.to_dict(), dataset=args.dataset,
+    runtime.atomic_save(dict(format="sit-finetuned-v1", config=vars(args.cfg), dataset=args.dataset,
                      num_classes=train.num_classes, model={k: v.cpu() for k, v in model.state_dict().items()},
                      epoch=args.epochs, accuracy=accs[-1], torch_version=str(torch.__version__)), path)
     # The headline is the last epoch: the best epoch is picked by looking at the test set.
@@ -346,20 +349,18 @@ RUNS = dict(knn=run_knn, linear=run_linear, fewshot=run_fewshot, finetune=run_fi
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-def load_encoder(args, device):
-    """(cfg, ViT, pretraining epochs): the checkpoint's TEACHER backbone, or a fresh one (--random-init).
-
-    As DINO and MoCo do, the pretrained encoder is the momentum teacher (an EMA of the student, so
-    a smoothed, usually slightly better one). Fine-tuning adds stochastic depth (--drop-path).
-    """
-    cfg, model, ckpt = sit.load_checkpoint(args.checkpoint, device)
+def encoder(args, device):
+    """(ViT, info, pretraining epochs): runtime.load_encoder's (the momentum teacher's backbone, an EMA
+    of the student, as DINO and MoCo evaluate), or a fresh one of its shape (--random-init).
+    Fine-tuning adds stochastic depth (--drop-path)."""
     drop = args.drop_path if args.mode == "finetune" else 0.0
-    torch.manual_seed(args.seed)
-    vit = sit.ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.depth, cfg.heads,
-                  cfg.mlp_ratio, drop).to(device)
-    if not args.random_init:
-        vit.load_state_dict(model.teacher.backbone.state_dict())
-    return cfg, vit, 0 if args.random_init else int(ckpt.get("epoch", 0))
+    vit, _, info = runtime.load_encoder(args.checkpoint, device=device, drop_path=drop)
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        cfg = info["cfg"]
+        vit = sit.ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio,
+                      drop).to(device)
+    return vit.train(), info, 0 if args.random_init else info["epoch"]
 
 
 def load_labelled(args, train):
@@ -374,39 +375,39 @@ def load_labelled(args, train):
 
 FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
     "--dataset": data.DATASET_RULE,
-    "--data-dir": cli.FOLDER,
-    "--limit": cli.allowed(0, kind=cli.INT),
-    "--seed": cli.allowed(0, 2**32 - 1, kind=cli.INT),
+    "--data-dir": runtime.FOLDER,
+    "--limit": runtime.allowed(0, kind=runtime.INT),
+    "--seed": runtime.allowed(0, 2**32 - 1, kind=runtime.INT),
     "--results": (lambda v: v != "" and not os.path.isdir(v), "a file to append to (not a folder)"),
-    "--k": cli.allowed(1, kind=cli.INT),
-    "--probe-steps": cli.allowed(1, kind=cli.INT),
+    "--k": runtime.allowed(1, kind=runtime.INT),
+    "--probe-steps": runtime.allowed(1, kind=runtime.INT),
     "--shots": (lambda v: all(s.strip().isascii() and s.strip().isdigit() and int(s) >= 1 for s in v.split(",")),
                 "comma-separated integers >= 1"),
-    "--seeds": cli.allowed(1, kind=cli.INT),
-    "--fewshot-wd": cli.allowed(0),
-    "--epochs": cli.allowed(1, kind=cli.INT),
-    "--batch-size": cli.allowed(1, kind=cli.INT),
-    "--lr": cli.allowed(0, open_lo=True),
-    "--min-lr": cli.allowed(0),
-    "--warmup-epochs": cli.allowed(0),
-    "--weight-decay": cli.allowed(0),
-    "--layer-decay": cli.allowed(0, 1, open_lo=True),
-    "--drop-path": cli.allowed(0, 1, open_hi=True),
-    "--crop-min": cli.allowed(0, 1, open_lo=True),
-    "--randaug-n": cli.allowed(0, kind=cli.INT),
-    "--randaug-m": cli.allowed(0, 10),
-    "--randaug-mstd": cli.allowed(0),
-    "--reprob": cli.allowed(0, 1),
-    "--mixup": cli.allowed(0),
-    "--cutmix": cli.allowed(0),
-    "--mixup-prob": cli.allowed(0, 1),
-    "--mixup-switch-prob": cli.allowed(0, 1),
-    "--smoothing": cli.allowed(0, 1),
+    "--seeds": runtime.allowed(1, kind=runtime.INT),
+    "--fewshot-wd": runtime.allowed(0),
+    "--epochs": runtime.allowed(1, kind=runtime.INT),
+    "--batch-size": runtime.allowed(1, kind=runtime.INT),
+    "--lr": runtime.allowed(0, open_lo=True),
+    "--min-lr": runtime.allowed(0),
+    "--warmup-epochs": runtime.allowed(0),
+    "--weight-decay": runtime.allowed(0),
+    "--layer-decay": runtime.allowed(0, 1, open_lo=True),
+    "--drop-path": runtime.allowed(0, 1, open_hi=True),
+    "--crop-min": runtime.allowed(0, 1, open_lo=True),
+    "--randaug-n": runtime.allowed(0, kind=runtime.INT),
+    "--randaug-m": runtime.allowed(0, 10),
+    "--randaug-mstd": runtime.allowed(0),
+    "--reprob": runtime.allowed(0, 1),
+    "--mixup": runtime.allowed(0),
+    "--cutmix": runtime.allowed(0),
+    "--mixup-prob": runtime.allowed(0, 1),
+    "--mixup-switch-prob": runtime.allowed(0, 1),
+    "--smoothing": runtime.allowed(0, 1),
 }
 
 
 def make_parser():
-    p = cli.Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
+    p = runtime.Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py")
     p.add_argument("--mode", required=True, choices=MODES, help="which evaluation")
@@ -456,7 +457,7 @@ def make_parser():
 def parse_args(argv):
     p = make_parser()
     args = p.parse_args(argv)
-    cli.check_flags(p, args, FLAGS)
+    runtime.check_flags(p, args, FLAGS)
     args.shots = [int(s) for s in args.shots.split(",")]
     if args.raw_pixels and args.mode == "finetune":
         p.error("--raw-pixels: a frozen-feature baseline (knn, linear, fewshot), not for --mode finetune")
@@ -489,12 +490,13 @@ def evaluate(args):
     """
     start = time.time()
     try:
-        device = sit.pick_device(args.device)
+        device = runtime.pick_device(args.device)
     except ValueError as err:
         raise EvalError(str(err)) from None
-    cfg, backbone, epochs = load_encoder(args, device)
-    args.cfg, args.img_size = cfg, cfg.img_size
-    args.dataset, args.data_dir = args.dataset or cfg.dataset, args.data_dir or cfg.data_dir
+    backbone, info, epochs = encoder(args, device)
+    args.cfg, args.img_size = info["cfg"], info["cfg"].img_size
+    args.dataset = args.dataset or info["dataset"]
+    args.data_dir = args.data_dir or info["config"].get("data_dir", "./data")
     train, test = load_labelled(args, True), load_labelled(args, False)
     out = RUNS[args.mode](args, backbone, train, test)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -508,7 +510,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         record = evaluate(args)
-    except (sit.CheckpointError, data.DataError, EvalError) as e:
+    except (runtime.CheckpointError, data.DataError, EvalError) as e:
         sys.exit(f"eval.py: error: {e}")
     print_table(record)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

@@ -19,75 +19,14 @@ import re
 
 import torch
 
-import cli
 import data
-import sit
+import runtime
 
 FORMATS = ("timm", "torchvision")
-FINETUNED_FORMAT = "sit-finetuned-v1"   # eval.py --mode finetune writes finetuned.pt in this format
 
 
 class ExportError(ValueError):
     """A request that cannot be met (wrong checkpoint kind, layout that cannot hold the encoder)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading: the encoder that eval.py evaluates, from a ckpt.pt (train.py) or finetuned.pt (eval.py)
-# ------------------------------------------------------------------------------------------------
-
-def read_finetuned(path):
-    """eval.py's finetuned.pt as a dict (config, dataset, num_classes, model), or None if it is not one."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
-    return ckpt if isinstance(ckpt, dict) and ckpt.get("format") == FINETUNED_FORMAT else None
-
-
-def build_vit(cfg, state, path, device="cpu"):
-    """sit.ViT of `cfg` (no drop path) in eval mode, with `state` loaded strictly."""
-    vit = sit.ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio)
-    try:
-        vit.load_state_dict(state)
-    except RuntimeError as e:
-        raise sit.CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
-    return vit.to(device).eval()
-
-
-def load_encoder(path, student=False, device="cpu"):
-    """(ViT in eval mode, head {weight (K, D), bias (K,)} or None, info) from a checkpoint of ours.
-
-    info: cfg (sit.Config), encoder ("teacher" | "student" | "finetuned"), dataset (whose
-    normalisation the encoder expects), epoch. Raises sit.CheckpointError or ExportError, one line.
-    """
-    try:
-        cfg, model, ckpt = sit.load_checkpoint(path)
-    except sit.CheckpointError as err:
-        ckpt = read_finetuned(path)
-        if ckpt is None:
-            raise err from None
-        return load_finetuned(path, ckpt, student, device)
-    encoder = "student" if student else "teacher"
-    vit = build_vit(cfg, getattr(model, encoder).backbone.state_dict(), path, device)
-    return vit, None, dict(cfg=cfg, encoder=encoder, dataset=cfg.dataset, epoch=int(ckpt.get("epoch", 0)))
-
-
-def load_finetuned(path, ckpt, student, device):
-    """load_encoder for eval.py's finetuned.pt: its state dict is backbone.* plus head.weight/bias."""
-    if student:
-        raise ExportError(f"{path} is a fine-tuned encoder; --student applies to train.py's checkpoints")
-    cfg = sit.Config.from_dict(ckpt["config"])
-    state = ckpt["model"]
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    vit = build_vit(cfg, backbone, path, device)
-    head = dict(weight=state["head.weight"], bias=state["head.bias"])
-    return vit, head, dict(cfg=cfg, encoder="finetuned", dataset=ckpt.get("dataset", cfg.dataset),
-                           epoch=int(ckpt.get("epoch", 0)))
-
-
-def normalisation(dataset):
-    """(mean, std) per channel, in [0, 1], that eval.py uses for `dataset` (ImageNet's for folders)."""
-    return data.STATS.get(dataset, data.IMAGENET_STATS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,7 +76,7 @@ def convert(vit, head, fmt):
 
 def architecture(cfg, num_classes, dataset, fmt):
     """The facts a model built elsewhere needs: sizes, normalisation, format."""
-    mean, std = normalisation(dataset)
+    mean, std = data.stats(dataset)
     return dict(format=fmt, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                 dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
                 mlp_dim=int(cfg.dim * cfg.mlp_ratio), num_classes=num_classes, layer_norm_eps=1e-6,
@@ -181,7 +120,7 @@ def output_path(checkpoint, info, fmt):
 
 def export(checkpoint, fmt="timm", student=False, out=None):
     """Write the encoder's .pth and .json; returns (pth path, json path, the JSON record)."""
-    vit, head, info = load_encoder(checkpoint, student)
+    vit, head, info = runtime.load_encoder(checkpoint, student)
     cfg = info["cfg"]
     if fmt == "torchvision" and cfg.in_chans != 3:
         raise ExportError(f"torchvision's VisionTransformer takes 3-channel images; this encoder has "
@@ -191,14 +130,14 @@ def export(checkpoint, fmt="timm", student=False, out=None):
     meta = os.path.splitext(pth)[0] + ".json"
     record = dict(arch, encoder=info["encoder"], epoch=info["epoch"], weights=os.path.basename(pth),
                   source=os.path.abspath(checkpoint), python=python_lines(arch, os.path.basename(pth)))
-    sit.atomic_save(convert(vit, head, fmt), pth)
-    sit.atomic_write(meta, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    runtime.atomic_save(convert(vit, head, fmt), pth)
+    runtime.atomic_write(meta, lambda f: f.write(json.dumps(record, indent=1).encode()))
     return pth, meta, record
 
 
 
 def main(argv=None):
-    p = cli.Parser(prog="export.py", description=__doc__.split("\n\n")[0],
+    p = runtime.Parser(prog="export.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py, or a finetuned.pt written by eval.py")
     p.add_argument("--format", default="timm", choices=FORMATS, help="key layout of the exported state dict")
@@ -207,7 +146,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         pth, meta, record = export(args.checkpoint, args.format, args.student, args.out)
-    except (sit.CheckpointError, ExportError, OSError) as e:
+    except (runtime.CheckpointError, ExportError, OSError) as e:
         p.error(str(e))
     py = python_lines(record, pth)                              # the same lines, with the path from here
     print(f"wrote {pth} ({record['encoder']} encoder, {args.format} layout) and {meta}")

@@ -6,7 +6,8 @@
 """
 dependencies = ["torch", "numpy"]   # numpy: data.py, which holds each dataset's normalisation
 
-from export import load_encoder, normalisation
+from data import stats
+from runtime import load_encoder
 
 
 def sit_vit(checkpoint, student=False, device="cpu"):
@@ -18,6 +19,6 @@ def sit_vit(checkpoint, student=False, device="cpu"):
     (B, 1 + N, D); model(x)[:, 0] is the CLS feature eval.py uses.
     """
     vit, _, info = load_encoder(checkpoint, student, device)
-    vit.mean, vit.std = normalisation(info["dataset"])
+    vit.mean, vit.std = stats(info["dataset"])
     vit.img_size = info["cfg"].img_size
     return vit

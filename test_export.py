@@ -17,7 +17,10 @@ import torch
 
 import eval as ev
 import export
+import runtime
 import sit
+
+SYNTHETIC = runtime.Run(dataset="synthetic")   # the dataset the checkpoints say they saw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -38,14 +41,14 @@ def run(tmp_path_factory):
     """A run folder with a tiny pretraining ckpt.pt (teacher != student) and a finetuned.pt (K classes)."""
     folder = tmp_path_factory.mktemp("run")
     cfg = sit.Config(model="tiny", dim=D, depth=DEPTH, heads=HEADS, img_size=IMG, patch_size=P,
-                     proj_hidden=64, proj_dim=16, dataset="synthetic")
+                     proj_hidden=64, proj_dim=16)
     torch.manual_seed(0)
     model = sit.SiT(cfg)
     perturbed(model.student, 1)
     perturbed(model.teacher, 2)
-    sit.save_checkpoint(str(folder / "ckpt.pt"), cfg, model, epoch=3)
+    runtime.save_checkpoint(str(folder / "ckpt.pt"), cfg, model, epoch=3, run=SYNTHETIC)
     clf = perturbed(ev.Classifier(sit.ViT(IMG, P, 3, D, DEPTH, HEADS), K), 3)
-    sit.atomic_save(dict(format="sit-finetuned-v1", config=cfg.to_dict(), dataset="cifar10", num_classes=K,
+    runtime.atomic_save(dict(format="sit-finetuned-v1", config=vars(cfg), dataset="cifar10", num_classes=K,
                          model=clf.state_dict(), epoch=1, accuracy=0.0, best=0.0), str(folder / "finetuned.pt"))
     return folder, model, clf.eval()
 

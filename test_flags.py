@@ -11,10 +11,12 @@ import sys
 import pytest
 
 import eval as ev
-import cli
+import runtime
 import sit
 import train
 import visualize
+
+SYNTHETIC = runtime.Run(dataset="synthetic")   # the dataset the checkpoints say they saw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NO_VALUE = {"-h", "--help", "--random-init", "--mean-patch", "--raw-pixels", "--attention", "--curves"}
@@ -73,8 +75,8 @@ def ckpt(tmp_path_factory):
     """A tiny SiT checkpoint on synthetic data, alone in its folder."""
     path = tmp_path_factory.mktemp("run") / "ckpt.pt"
     cfg = sit.Config(model="tiny", dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64,
-                     proj_dim=16, dataset="synthetic")
-    sit.save_checkpoint(str(path), cfg, sit.SiT(cfg), epoch=1)
+                     proj_dim=16)
+    runtime.save_checkpoint(str(path), cfg, sit.SiT(cfg), epoch=1, run=SYNTHETIC)
     return path
 
 
@@ -199,14 +201,14 @@ TRAIN_BAD = {
     "--knn-every": ["-1"],
     "--log-every": ["0"],
     "--bench": ["-1"],
-    "--peak-tflops": ["0"],
+    "--peak-tflops": ["-1", "nan"],
     "--seed": ["-1", "4294967296", "1.5"],
 }
 # a two-step run if a check were missing (no --warmup-epochs note: it would be a second line)
 TRAIN_QUICK = ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "1",
                "--warmup-epochs", "0", "--model", "tiny", "--dim", "32", "--depth", "2", "--heads", "2",
                "--img-size", "16", "--proj-hidden", "64", "--proj-dim", "16", "--device", "cpu", "--knn-every", "0"]
-CONFIG_FIELDS = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(sit.Config)}
+CONFIG_FIELDS = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(sit.Config) + dataclasses.fields(runtime.Run)}
 TRAIN_CASES = [(flag, value) for flag, values in TRAIN_BAD.items() for value in values]
 
 
@@ -241,13 +243,13 @@ def test_train_bad_value_is_refused_before_anything_is_written(flag, value, tmp_
 
 
 def test_every_train_flag_has_bad_values_here():
-    """The table above covers every sit.Config field that takes a value, so a new field needs a rule
-    and an entry here; each field without a rule in Config is checked elsewhere (--dataset against
-    data.DATASET_RULE, --out in check_run_folder)."""
+    """The table above covers every field of sit.Config and runtime.Run that takes a value, and
+    runtime.TRAIN_FLAGS gives each field its help and rule, so a new field needs both."""
     takes_value = {flag for flag, f in CONFIG_FIELDS.items() if f.type not in (bool, "bool")}
     assert set(TRAIN_BAD) == takes_value
-    unruled = {flag for flag in takes_value if CONFIG_FIELDS[flag].metadata["rule"] is cli.ANY}
-    assert unruled == {"--dataset", "--out"}
+    assert set(runtime.TRAIN_FLAGS) == {f.name for f in CONFIG_FIELDS.values()}
+    unruled = {flag for flag in takes_value if runtime.TRAIN_FLAGS[CONFIG_FIELDS[flag].name][1] is runtime.ANY}
+    assert unruled == set()
 
 
 @pytest.mark.parametrize("script,argv", [("eval.py", ["--mode", "knn", "--k", "0"]),

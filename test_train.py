@@ -1,6 +1,7 @@
 """Tests of train.py and data.py (CPU, seeded, no network)."""
 import errno
 import json
+import math
 import os
 import re
 import signal
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 import data
+import rng
+import runtime
 import sit
 import train
 
@@ -35,6 +38,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def drawn(seed, fn, *args):
+    """fn(*args) with its random numbers from a generator seeded with `seed`."""
+    with rng.source(torch.Generator().manual_seed(seed)):
+        return fn(*args)
 
 
 def read_log(folder):
@@ -138,9 +147,9 @@ def test_two_views_shape_range_and_seed():
     """Both views are normalised (2B, 3, S, S) floats, reproducible from the generator seed."""
     x = data.synthetic(train=True, n=8).images
     mean, std = data.STATS["synthetic"]
-    a = data.two_views(x, 16, mean, std, torch.Generator().manual_seed(3))
-    b = data.two_views(x, 16, mean, std, torch.Generator().manual_seed(3))
-    c = data.two_views(x, 16, mean, std, torch.Generator().manual_seed(4))
+    a = drawn(3, data.two_views, x, 16, mean, std)
+    b = drawn(3, data.two_views, x, 16, mean, std)
+    c = drawn(4, data.two_views, x, 16, mean, std)
     assert a.shape == (16, 3, 16, 16) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
     unit = data.denormalize(a, mean, std)
@@ -192,7 +201,7 @@ def test_few_steps_end_to_end(tmp_path):
                             "--epochs", "2", "--log-every", "2", "--knn-every", "1"], tmp_path)
     assert code == 0
     folder = tmp_path / "run"
-    cfg, model, ckpt = sit.load_checkpoint(str(folder / "ckpt.pt"))
+    cfg, model, ckpt = runtime.load_checkpoint(str(folder / "ckpt.pt"))
     assert (ckpt["step"], ckpt["epoch"]) == (8, 2) and cfg.dim == 32
     rows = read_log(folder)
     steps = [r for r in rows if r["kind"] == "step"]
@@ -292,7 +301,7 @@ def test_torchrun_two_gloo_processes_keep_replicas_identical(ddp_straight):
     rows = read_log(ddp_straight)
     rep = [r for r in rows if r["kind"] == "replicas"]
     assert rep and rep[0]["world"] == 2 and rep[0]["max_abs_diff"] == 0.0
-    assert sit.load_checkpoint(os.path.join(ddp_straight, "ckpt.pt"))[2]["step"] == 16
+    assert runtime.load_checkpoint(os.path.join(ddp_straight, "ckpt.pt"))[2]["step"] == 16
 
 
 def worker_of_rank(launcher, rank):
@@ -333,9 +342,9 @@ def test_a_signal_delivered_twice_at_once_is_one_request(monkeypatch):
     """A second SIGTERM within StopFlag.repeat_s of the first (under torchrun a terminal's Ctrl-C or
     SLURM signals every worker, and the launcher forwards the signal again) only asks for a stop, so
     the run still saves at the next step boundary; one that comes later stops at once."""
-    monkeypatch.setattr(train.StopFlag, "repeat_s", 0.2)
+    monkeypatch.setattr(runtime.StopFlag, "repeat_s", 0.2)
     before = signal.getsignal(signal.SIGTERM)
-    with train.StopFlag() as stop:
+    with runtime.StopFlag() as stop:
         try:
             signal.raise_signal(signal.SIGTERM)                      # the handler runs before it returns
             signal.raise_signal(signal.SIGTERM)
@@ -348,16 +357,20 @@ def test_a_signal_delivered_twice_at_once_is_one_request(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def tiny_step(compile_=False, seed=1):
-    cfg = sit.Config(model="tiny", dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64,
-                     proj_dim=16, epochs=2, warmup_epochs=1, batch_size=16)
+STEP_CFG = dict(model="tiny", dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64, proj_dim=16,
+                epochs=2, warmup_epochs=1, batch_size=16)
+
+
+def tiny_step(compile_=False, seed=1, **kw):
+    """(run, model, opt): the loop's own step (train.stepper around train.train_step) for a tiny SiT."""
+    cfg = sit.Config(**{**STEP_CFG, **kw})
     torch.manual_seed(0)
     model = sit.SiT(cfg)
-    step = train.Step(model, cfg, *data.STATS["synthetic"], 4, torch.device("cpu"),
-                      torch.Generator().manual_seed(seed))
-    if compile_:
-        step.compile(backend="aot_eager")  # the traced graph, without inductor's (slow on CPU) codegen
-    return step, model
+    opt = train.AdamW(model, sit.schedules(cfg, 4), torch.device("cpu"))
+    u = torch.empty(train.uniforms_per_step(cfg, (16, 3, 16, 16)))
+    run = train.stepper(model, opt, u, torch.Generator().manual_seed(seed), *data.stats("synthetic"), compile_,
+                        backend="aot_eager")  # the traced graph, without inductor's (slow on CPU) codegen
+    return run, model, opt
 
 
 def test_whole_step_is_one_graph_and_matches_eager():
@@ -366,55 +379,95 @@ def test_whole_step_is_one_graph_and_matches_eager():
     same random numbers, losses and weights (to float32 rounding)."""
     torch._dynamo.reset()
     images = data.synthetic(train=True, n=64).images
-    (eager, m_eager), (compiled, m_compiled) = tiny_step(), tiny_step(compile_=True)
-    before = train.graph_count()
+    (eager, m_eager, o_eager), (compiled, m_compiled, o_compiled) = tiny_step(), tiny_step(compile_=True)
+    before = runtime.graph_count()
     for i in range(4):
         x = images[16 * i:16 * (i + 1)]
         eager(x)
         compiled(x)
-        a, b = eager.read_losses(), compiled.read_losses()
-        assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6), (i, a, b)
-    assert train.graph_count() - before == 1                         # one graph, no break, no recompile
-    assert int(compiled.t) == 4 and compiled.compile_seconds > 0
+        a, b = o_eager.read(), o_compiled.read()
+        assert torch.allclose(torch.tensor(a[0]), torch.tensor(b[0]), rtol=1e-5, atol=1e-6), (i, a, b)
+        assert a[1:] == b[1:] == (0, 0)
+    assert runtime.graph_count() - before == 1                       # one graph, no break, no recompile
+    assert int(o_compiled.t) == 4 and compiled.compile_seconds > 0
     for (name, p), q in zip(m_eager.state_dict().items(), m_compiled.state_dict().values()):
         assert torch.allclose(p.float(), q.float(), rtol=1e-4, atol=1e-6), name
     assert not torch.equal(m_eager.teacher.head.net[0].weight, tiny_step()[1].teacher.head.net[0].weight)
 
 
-def test_uniforms_stream_and_count():
-    """Uniforms hands out its buffer in order; without one it counts; one step uses exactly the
-    uniforms that uniforms_per_step counted, and the same generator seed gives the same step."""
-    rng = sit.Uniforms(torch.arange(10.0))
-    assert rng.take((2, 2), "cpu").tolist() == [[0, 1], [2, 3]] and rng.take((3,), "cpu").tolist() == [4, 5, 6]
-    counter = sit.Uniforms()
-    assert counter.take((4, 5), "cpu").shape == (4, 5) and counter.used == 20
-    z = sit.normal((20000,), torch.Generator().manual_seed(0), "cpu")
-    assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03 and torch.isfinite(z).all()
+def test_the_step_draws_exactly_what_was_counted_from_its_generator():
+    """uniforms_per_step counts what one step draws (rng.source refuses a stream not used up, so a
+    step that drew more or fewer would fail), noise fill included; the same generator seed gives
+    the same numbers and step, another seed others."""
     images = data.synthetic(train=True, n=16).images
-    a, b, c = tiny_step(seed=1)[0], tiny_step(seed=1)[0], tiny_step(seed=2)[0]
+    (a, _, oa), (b, _, ob), (c, _, oc) = tiny_step(seed=1), tiny_step(seed=1), tiny_step(seed=2)
     for s in (a, b, c):
-        s(images)                                   # Step.update asserts the count is exact
-    assert a.u.numel() == a.uniforms_per_step(images.shape) > 16 * 2 * 3 * 16 * 16  # incl. noise fill
+        s(images)
+    n = train.uniforms_per_step(sit.Config(**STEP_CFG), images.shape)
+    assert a.u.numel() == n > 16 * 2 * 3 * 16 * 16                    # the noise fill of both views, and more
     assert torch.equal(a.u, b.u) and not torch.equal(a.u, c.u)
-    assert a.read_losses() == b.read_losses()
+    assert oa.read() == ob.read() != oc.read()
+    with pytest.raises(RuntimeError, match="drew"):                  # a count one short would be caught
+        step, _, _ = tiny_step()
+        step.u = torch.empty(n - 1)
+        step(images)
+
+
+def test_a_step_with_a_non_finite_gradient_changes_nothing_and_is_counted():
+    """An infinite gradient (which global clipping would turn into NaN) skips the update: weights,
+    teacher, AdamW's moments and step count stay as they were, the skip is counted, and the next
+    step trains as usual."""
+    images = data.synthetic(train=True, n=32).images
+    step, model, opt = tiny_step()
+    step(images[:16])
+    opt.read()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    moments = [m.clone() for m in opt.exp_avg + opt.exp_avg_sq]
+    hook = model.student.backbone.pos_embed.register_hook(lambda g: torch.full_like(g, float("inf")))
+    step(images[16:])
+    hook.remove()
+    assert opt.read()[1:] == (1, 0) and int(opt.t) == 1
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert all(torch.equal(a, b) for a, b in zip(opt.exp_avg + opt.exp_avg_sq, moments))
+    step(images[:16])
+    assert opt.read()[1:] == (0, 0) and int(opt.t) == 2
+    assert not torch.equal(model.student.backbone.pos_embed, before["student.backbone.pos_embed"])
+
+
+def test_an_infinite_learning_rate_is_skipped_too():
+    """A non-finite lr in the schedule (the update, not the gradient, would be non-finite) skips the
+    step the same way."""
+    images = data.synthetic(train=True, n=16).images
+    step, model, opt = tiny_step()
+    opt.schedule[0, 0] = float("inf")
+    w = model.student.decoder.to_pixels.weight.clone()
+    step(images)
+    assert opt.read()[1] == 1 and torch.equal(model.student.decoder.to_pixels.weight, w)
+    assert (int(opt.t), int(opt.step)) == (0, 1)      # no update done; the schedule moves on
 
 
 def test_adamw_matches_torch():
     """The written-out AdamW (tensor lr, wd and step) makes the same updates as torch.optim.AdamW."""
+    from types import SimpleNamespace
     g = torch.Generator().manual_seed(0)
     p1 = [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
     p2 = [p.clone().requires_grad_() for p in p1]
     opt = torch.optim.AdamW([dict(params=[p2[0]]), dict(params=[p2[1]], weight_decay=0.0)], lr=0.01,
                             weight_decay=0.05)
-    m, v = [torch.zeros_like(p) for p in p1], [torch.zeros_like(p) for p in p1]
+    ours = SimpleNamespace(params=p1, decay=[p1[0]], exp_avg=[torch.zeros_like(p) for p in p1],
+                           exp_avg_sq=[torch.zeros_like(p) for p in p1], t=torch.tensor(0))
     for t in range(1, 4):
         grads = [torch.randn(p.shape, generator=g) for p in p1]
-        train.adamw_(p1, grads, m, v, [p1[0]], torch.tensor(t), torch.tensor(0.01), torch.tensor(0.05))
+        train.adamw_(ours, grads, torch.tensor(0.01), torch.tensor(0.05), torch.tensor(True))
         for p, gr in zip(p2, grads):
             p.grad = gr.clone()
         opt.step()
+    assert int(ours.t) == 3
     for a, b in zip(p1, p2):
         assert torch.allclose(a, b.detach(), atol=1e-6)
+    for a, b in zip(ours.exp_avg + ours.exp_avg_sq, [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq") for p in p2]):
+        assert torch.allclose(a, b, atol=1e-7)
 
 
 def test_clip_grad_norm_matches_torch():
@@ -443,12 +496,19 @@ def test_clip_per_tensor_clips_each_tensor_on_its_own():
     assert whole[0][0] / whole[1][0] == pytest.approx(30.0)         # direction kept
 
 
-def test_bench_prints_one_line(capsys):
-    """--bench times training steps on synthetic data and reports img/s, ms/step and MFU."""
-    train.main(TINY + ["--bench", "2", "--batch-size", "16"])
+def test_bench_prints_one_line_of_consistent_numbers(capsys):
+    """--bench times the loop's own step on random images: one line whose img/s is batch / (ms/step),
+    with host time, graphs, and no MFU on a CPU unless --peak-tflops gives the peak (then TFLOP/s
+    over that peak)."""
+    assert train.main(TINY + ["--bench", "2", "--batch-size", "16"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    for part in ("img/s", "ms/step", "MFU", "host", "device", "graph"):
-        assert part in line, part
+    img_s, ms = (float(re.search(rf"([\d,.]+) {unit}", line).group(1).replace(",", "")) for unit in ("img/s", "ms/step"))
+    assert img_s == pytest.approx(16 / (ms / 1e3), rel=0.01) and ms > 0
+    assert "MFU not known" in line and "host" in line and "compiled graph(s)" in line and "eager on cpu" in line
+    train.main(TINY + ["--bench", "2", "--batch-size", "16", "--peak-tflops", "0.001"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    tflops, mfu = float(re.search(r"([\d.e+-]+) TFLOP/s", line).group(1)), float(re.search(r"MFU ([\d.e+-]+)%", line).group(1))
+    assert mfu == pytest.approx(100 * tflops / 0.001, rel=0.01)
 
 
 # --- bad input: one line on stderr, non-zero exit, nothing overwritten --------------------------
@@ -503,7 +563,7 @@ def test_run_that_never_saved_starts_afresh(resume, tmp_path, capsys):
     rows = read_log(folder)
     assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2, 3, 4]
     assert all(r.get("loss") != -1.0 for r in rows)
-    assert sit.load_checkpoint(str(folder / "ckpt.pt"))[2]["step"] == 4
+    assert runtime.load_checkpoint(str(folder / "ckpt.pt"))[2]["step"] == 4
 
 
 # --- failures on the way: a full disk, out of memory -----------------------------------------
@@ -512,7 +572,7 @@ def test_failed_checkpoint_write_stops_and_keeps_the_previous_one(tmp_path, monk
     """A checkpoint write that fails (disk full at the second save) ends the run at once with one
     line naming the path and saying that the previous checkpoint is kept, a non-zero exit status,
     and that previous checkpoint (epoch 1) still loads whole."""
-    real, calls = sit.atomic_save, []
+    real, calls = runtime.atomic_save, []
 
     def disk_full_the_second_time(state, path):
         calls.append(path)
@@ -520,7 +580,7 @@ def test_failed_checkpoint_write_stops_and_keeps_the_previous_one(tmp_path, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         real(state, path)
 
-    monkeypatch.setattr(sit, "atomic_save", disk_full_the_second_time)
+    monkeypatch.setattr(runtime, "atomic_save", disk_full_the_second_time)
     args = TINY + ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "3"]
     with pytest.raises(SystemExit) as stop:
         run_main(args, tmp_path)
@@ -528,7 +588,7 @@ def test_failed_checkpoint_write_stops_and_keeps_the_previous_one(tmp_path, monk
     assert isinstance(message, str) and "\n" not in message                 # exit status 1, one line
     assert message.startswith(f"train.py: error: could not write {path} (No space left on device)")
     assert "previous checkpoint is kept" in message and len(calls) == 2
-    saved = sit.load_checkpoint(path)[2]
+    saved = runtime.load_checkpoint(path)[2]
     assert (saved["step"], saved["epoch"]) == (2, 1)
 
 
@@ -536,7 +596,7 @@ def test_atomic_save_cut_short_leaves_no_temp_file(tmp_path, monkeypatch):
     """torch.save failing mid-write (disk full after some bytes) leaves no temp file beside the
     checkpoint, and the checkpoint already there unchanged."""
     path = tmp_path / "ckpt.pt"
-    sit.atomic_save({"step": 1}, str(path))
+    runtime.atomic_save({"step": 1}, str(path))
 
     def half_written(obj, f):
         f.write(b"\0" * 1000)
@@ -544,7 +604,7 @@ def test_atomic_save_cut_short_leaves_no_temp_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", half_written)
     with pytest.raises(OSError):
-        sit.atomic_save({"step": 2}, str(path))
+        runtime.atomic_save({"step": 2}, str(path))
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     assert torch.load(path, weights_only=True) == {"step": 1}
@@ -554,10 +614,10 @@ def test_out_of_memory_is_one_line_naming_batch_size(tmp_path, monkeypatch, caps
     """CUDA running out of memory in a training step ends the run with a non-zero exit status and
     one line on stderr, on a line of its own (the progress bar cleared), that names --batch-size and
     what to lower."""
-    def out_of_memory(self, x, u):
+    def out_of_memory(model, opt, x, mean, std):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train.Step, "update", out_of_memory)
+    monkeypatch.setattr(train, "train_step", out_of_memory)
     args = TINY + ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "2"]
     assert run_main(args, tmp_path) not in (0, None)
     err = capsys.readouterr().err
@@ -568,10 +628,11 @@ def test_out_of_memory_is_one_line_naming_batch_size(tmp_path, monkeypatch, caps
 
 # --- --time-budget ----------------------------------------------------------------------------
 
-def test_time_budget_sets_epochs_and_ends_on_time(tmp_path):
+def test_time_budget_sets_the_length_and_uses_the_whole_budget(tmp_path):
     """--time-budget 0.1 (6 s) with --epochs 1000: the run measures its speed, logs one budget row
-    with the N epochs that fit (N < 1000), writes N into config.json and the checkpoint, trains
-    exactly N epochs, exits 0 and ends near the budget."""
+    with the N steps that fit (fewer than 1000 epochs' worth, ending inside an epoch if that is where
+    the time ends), writes N into config.json, trains exactly N steps (the checkpoint says so), logs
+    each epoch end and the last step, exits 0, and takes most of the budget, not a whole epoch less."""
     budget_s = 6
     t = time.time()
     code = run_main(TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32",
@@ -581,31 +642,33 @@ def test_time_budget_sets_epochs_and_ends_on_time(tmp_path):
     folder = tmp_path / "run"
     rows = read_log(folder)
     budget = [r for r in rows if r["kind"] == "budget"]
-    assert len(budget) == 1 and 1 <= budget[0]["epochs"] < 1000, budget
-    n = budget[0]["epochs"]
-    assert json.load(open(folder / "config.json"))["epochs"] == n
+    assert len(budget) == 1 and 8 <= budget[0]["steps"] < 8 * 1000, budget
+    n = budget[0]["steps"]
+    assert json.load(open(folder / "config.json"))["total_steps"] == n
     ckpt = torch.load(folder / "ckpt.pt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["config"]["epochs"], ckpt["step"]) == (n, n, 8 * n)
-    assert [r["epoch"] for r in rows if r["kind"] == "epoch" and "loss" in r] == list(range(1, n + 1))
-    assert 0.3 * budget_s < seconds < budget_s + 20, f"{seconds:.1f} s for a {budget_s} s budget"
+    assert (ckpt["step"], ckpt["epoch"], ckpt["extra"]["total_steps"]) == (n, n // 8, n)
+    ends = [r["step"] for r in rows if r["kind"] == "epoch" and "loss" in r]
+    assert ends == list(range(8, n + 1, 8)) + ([n] if n % 8 else [])
+    assert 0.7 * budget_s < seconds < budget_s + 20, f"{seconds:.1f} s for a {budget_s} s budget"
 
 
 def test_time_budget_of_a_run_stopped_before_fitting_it_is_fitted_on_resume(tmp_path, monkeypatch):
     """A --time-budget run stopped (SIGTERM) before it has measured its speed still has its epochs to
     fit when resumed: one budget row, and N < 1000 epochs trained, not the 1000 of --epochs."""
-    def sigterm_instead(trainer):                     # as a SIGTERM in the run's first seconds
+    def sigterm_instead(self, step):                  # as a SIGTERM in the run's first seconds
         signal.raise_signal(signal.SIGTERM)
+        return False
 
     args = TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32", "--epochs", "1000",
                    "--time-budget", "0.05", "--log-every", "1"]
     with monkeypatch.context() as patch:
-        patch.setattr(train.Trainer, "fit_budget", sigterm_instead)
+        patch.setattr(runtime.Budget, "ready", sigterm_instead)
         assert run_main(args, tmp_path) == 128 + signal.SIGTERM
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 1
     assert run_main(args + ["--resume"], tmp_path) == 0
     budget = [r for r in read_log(tmp_path / "run") if r["kind"] == "budget"]
-    assert len(budget) == 1 and budget[0]["epochs"] < 1000, budget
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == budget[0]["epochs"]
+    assert len(budget) == 1 and budget[0]["steps"] < 8 * 1000, budget
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == budget[0]["steps"]
 
 
 CLOCK_SKEW = """import os, time
@@ -631,8 +694,8 @@ def test_time_budget_under_torchrun_with_clocks_that_differ(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     rows = read_log(out)
     budget = [r for r in rows if r["kind"] == "budget"]
-    assert len(budget) == 1 and budget[0]["epochs"] < 1000
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["epoch"] == budget[0]["epochs"]
+    assert len(budget) == 1 and budget[0]["steps"] < 8 * 1000
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == budget[0]["steps"]
     assert [r["max_abs_diff"] for r in rows if r["kind"] == "replicas"] == [0.0]
 
 
@@ -672,26 +735,63 @@ def test_folder_streamed_through_dataloader(tmp_path, monkeypatch):
     assert steps == [1, 2]
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    """A loss that turns non-finite (here: an absurd lr from epoch 2 on) stops the run with one clear
-    line and leaves the epoch-1 checkpoint as it was."""
+def test_weights_gone_bad_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """An absurd but finite lr from epoch 2 on (1e30: the update is finite, the weights then huge,
+    and the next loss NaN) stops the run with one line; the epoch-1 checkpoint stays as it was,
+    with finite weights."""
     lr_at = sit.lr_at
-    monkeypatch.setattr(sit, "lr_at", lambda step, cfg, n: 1e30 if step >= n else lr_at(step, cfg, n))
+    monkeypatch.setattr(sit, "lr_at", lambda step, cfg, n, total=None: 1e30 if step >= n else lr_at(step, cfg, n, total))
     args = TINY + ["--dataset", "synthetic", "--limit", "128", "--batch-size", "32", "--epochs", "3",
                    "--clip-grad", "0", "--log-every", "1"]
     with pytest.raises(SystemExit) as stop:
         run_main(args, tmp_path)
-    assert "loss is nan" in str(stop.value) or "loss is inf" in str(stop.value)
+    assert "the loss is not finite" in str(stop.value) and "last good checkpoint is kept" in str(stop.value)
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 4)
     assert all(torch.isfinite(v).all() for v in saved["student"].values() if v.is_floating_point())
+
+
+def test_a_bad_update_on_the_last_step_before_a_save_is_skipped_not_saved(tmp_path, monkeypatch):
+    """An infinite lr on step 4, the last of epoch 1 (a save follows it): the update is skipped and
+    counted in the log, the checkpoint written after it holds finite weights, and the run goes on to
+    its end."""
+    lr_at = sit.lr_at
+    monkeypatch.setattr(sit, "lr_at", lambda s, cfg, n, total=None: math.inf if s == 3 else lr_at(s, cfg, n, total))
+    args = TINY + ["--dataset", "synthetic", "--limit", "128", "--batch-size", "32", "--epochs", "2",
+                   "--log-every", "1"]
+    assert run_main(args, tmp_path) == 0
+    rows = [r for r in read_log(tmp_path / "run") if r["kind"] == "step"]
+    assert [r["skipped"] for r in rows] == [0, 0, 0, 1, 0, 0, 0, 0]
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 8 and saved["optimizer"]["state"][0]["step"] == 7   # 8 steps, 7 updates
+    assert all(torch.isfinite(v).all() for v in saved["student"].values() if v.is_floating_point())
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """Whatever made the weights non-finite (here: the teacher EMA poisoned on the last step before
+    the epoch-2 save), the save refuses them: one line, and the epoch-1 checkpoint is kept."""
+    calls, update = [0], sit.SiT.update_teacher
+
+    def poisoned(self, m):
+        calls[0] += 1
+        update(self, m)
+        if calls[0] == 8:
+            with torch.no_grad():
+                self.teacher.head.net[0].weight.fill_(math.nan)
+    monkeypatch.setattr(sit.SiT, "update_teacher", poisoned)
+    args = TINY + ["--dataset", "synthetic", "--limit", "128", "--batch-size", "32", "--epochs", "3"]
+    with pytest.raises(SystemExit) as stop:
+        run_main(args, tmp_path)
+    assert str(stop.value).startswith("train.py: error: the weights are not finite at step 8")
+    assert "last good checkpoint is kept" in str(stop.value) and "\n" not in str(stop.value)
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 4
 
 
 def test_failed_log_write_is_one_line(tmp_path, monkeypatch, capsys):
     """A log.jsonl that cannot be written (disk full) ends the run with one line, not a traceback."""
     def full(self, **row):
         raise OSError(28, "No space left on device", str(tmp_path / "run" / "log.jsonl"))
-    monkeypatch.setattr(train.Log, "write", full)
+    monkeypatch.setattr(runtime.Log, "write", full)
     code = run_main(TINY + ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "2"],
                     tmp_path)
     err = capsys.readouterr().err.strip().splitlines()

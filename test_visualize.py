@@ -14,11 +14,13 @@ from matplotlib.image import imread
 from PIL import Image
 
 import data
+import runtime
 import sit
 import visualize
 
-TINY = dict(model="tiny", dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64, proj_dim=16,
-            dataset="synthetic")
+SYNTHETIC = runtime.Run(dataset="synthetic")   # the dataset the checkpoints say they saw
+
+TINY = dict(model="tiny", dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64, proj_dim=16)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def tiny():
 def ckpt(tmp_path, tiny):
     cfg, model = tiny
     path = tmp_path / "run" / "ckpt.pt"
-    sit.save_checkpoint(str(path), cfg, model, step=40, epoch=2)
+    runtime.save_checkpoint(str(path), cfg, model, step=40, epoch=2, run=SYNTHETIC)
     return path
 
 
@@ -254,7 +256,7 @@ def test_pictures_use_the_teacher_for_attention_and_the_student_for_reconstructi
         for p in model.teacher.parameters():
             p.add_(0.1)
     path = tmp_path / "run" / "ckpt.pt"
-    sit.save_checkpoint(str(path), cfg, model, step=4, epoch=1)
+    runtime.save_checkpoint(str(path), cfg, model, step=4, epoch=1, run=SYNTHETIC)
     seen = {}
     maps, rows = visualize.attention_maps, visualize.reconstruction_rows
     monkeypatch.setattr(visualize, "attention_maps", lambda b, x: seen.setdefault("attn", b) and maps(b, x))

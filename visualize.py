@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-import cli
 import data
+import rng
+import runtime
 import sit
 
 CELL, GAP = 1.2, 0.03       # inches per image panel, and the white margin inside it
@@ -52,8 +53,9 @@ def reconstruction_rows(model, cfg, x, generator):
     projection heads need two stacked views and batch statistics).
     """
     B, C, H, W = x.shape
-    corrupted, mask = sit.gmml_corrupt(x, cfg.drop_perc, cfg.drop_replace, cfg.drop_align,
-                                       cfg.drop_type, cfg.max_block, generator)
+    with rng.source(generator):
+        corrupted, mask = sit.gmml_corrupt(x, cfg.drop_perc, cfg.drop_replace, cfg.drop_align, cfg.drop_type,
+                                           cfg.max_block)
     tokens = model.student.backbone(corrupted)                      # (B, 1 + N, D)
     recon = model.student.decoder(tokens[:, 1:], H, W)              # (B, C, H, W)
     return dict(original=x, corrupted=corrupted, reconstruction=recon,
@@ -62,13 +64,17 @@ def reconstruction_rows(model, cfg, x, generator):
 
 @torch.no_grad()
 def attention_maps(backbone, x):
-    """CLS-to-patch attention of the last block, (B, h, H, W), nearest-upsampled to the image.
-
-    Row 0 (the CLS query) of the weights (B, h, 1 + N, 1 + N), columns 1: (the N patches).
-    """
+    """CLS-to-patch attention of the last block, (B, h, H, W), nearest-upsampled to the image: the
+    CLS query's row of softmax(q k^T / sqrt(d)), over the N patch keys (the CLS key dropped)."""
     B, C, H, W = x.shape
-    P = backbone.patch_size
-    attn = backbone.last_attention(x)[:, :, 0, 1:]                  # (B, h, N)
+    P, last = backbone.patch_size, backbone.blocks[-1]
+    t = backbone.embed(x)                                           # (B, 1 + N, D)
+    for block in backbone.blocks[:-1]:
+        t = block(t)
+    y = last.norm1(t)
+    D, h = y.shape[-1], last.attn.heads
+    q, k, _ = last.attn.qkv(y).reshape(B, -1, 3, h, D // h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, 1 + N, d)
+    attn = (q[:, :, :1] @ k.transpose(-2, -1) * (D // h) ** -0.5).softmax(-1)[:, :, 0, 1:]  # (B, h, N)
     attn = attn.reshape(B, -1, H // P, W // P)                      # (B, h, H/P, W/P)
     return F.interpolate(attn, scale_factor=P, mode="nearest")      # (B, h, H, W)
 
@@ -76,12 +82,6 @@ def attention_maps(backbone, x):
 # ------------------------------------------------------------------------------------------------
 # Images: the checkpoint's test split, another dataset, or a folder of the user's own
 # ------------------------------------------------------------------------------------------------
-
-def train_stats(cfg):
-    """(mean, std) the checkpoint's model was trained with: data.STATS, or ImageNet's for folders,
-    flowers102 and pets (as data.load gives them)."""
-    return data.STATS.get(cfg.dataset, data.IMAGENET_STATS)
-
 
 def folder_images(folder, n, size):
     """The first n readable images under `folder` (sorted paths), uint8 (n, 3, size, size).
@@ -100,17 +100,17 @@ def folder_images(folder, n, size):
     return images
 
 
-def load_images(args, cfg):
+def load_images(args, cfg, dataset, data_dir):
     """uint8 images (n, C, S, S), C = 1 or 3, and a name for the title.
 
-    Whatever the source, images are later normalised with the *training* statistics (train_stats):
+    Whatever the source, images are later normalised with the *training* statistics (data.stats of the checkpoint's dataset):
     the weights expect inputs normalised that way, and denormalising with the same numbers gives
     the reconstruction's true colours back. A folder's own statistics (data.load gives ImageNet's
     for any folder) would feed the model inputs it never saw.
     """
     if args.images:
         return folder_images(args.images, args.n, cfg.img_size), args.images
-    name, data_dir = args.dataset or cfg.dataset, args.data_dir or cfg.data_dir
+    name, data_dir = args.dataset or dataset, args.data_dir or data_dir
     if name not in data.DATASETS and os.path.isdir(name):           # trained on a folder
         return folder_images(name, args.n, cfg.img_size), name
     try:
@@ -274,13 +274,14 @@ def run_name(path):
 
 def image_figure(args):
     """The reconstruction or attention figure of args.ckpt: (Figure, default file name)."""
-    device = sit.pick_device(args.device)
-    cfg, model, ckpt = sit.load_checkpoint(args.ckpt)                # on the CPU, then moved
+    device = runtime.pick_device(args.device)
+    cfg, model, ckpt = runtime.load_checkpoint(args.ckpt)            # on the CPU, then moved
+    dataset, data_dir = ckpt["config"].get("dataset", ""), ckpt["config"].get("data_dir", "./data")
     model.to(device).eval()
     cfg = dataclasses.replace(cfg, drop_perc=cfg.drop_perc if args.drop_perc is None else args.drop_perc,
                               drop_type=args.drop_type or cfg.drop_type)  # re-validated by Config
-    images, source = load_images(args, cfg)
-    mean, std = train_stats(cfg)
+    images, source = load_images(args, cfg, dataset, data_dir)
+    mean, std = data.stats(dataset)
     x = data.prepare(images.to(device), cfg.img_size, mean, std)    # (n, 3, S, S)
     head = f"{run_name(args.ckpt)}  ·  epoch {ckpt['epoch']}/{cfg.epochs}  ·  {source}  ·  {cfg.img_size} px"
     if args.attention:
@@ -310,11 +311,11 @@ def make_figure(args):
 
 MAX_N = 256   # images per figure: wider figures pass what matplotlib's Agg can draw (2^16 px)
 FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
-    "--n": cli.allowed(1, MAX_N, kind=cli.INT),
-    "--seed": cli.allowed(0, 2**32 - 1, kind=cli.INT),
-    "--drop-perc": cli.allowed(0, 1),
+    "--n": runtime.allowed(1, MAX_N, kind=runtime.INT),
+    "--seed": runtime.allowed(0, 2**32 - 1, kind=runtime.INT),
+    "--drop-perc": runtime.allowed(0, 1),
     "--dataset": data.DATASET_RULE,
-    "--data-dir": cli.FOLDER,
+    "--data-dir": runtime.FOLDER,
     "--images": (os.path.isdir, "an existing folder of images"),
     "--log": (os.path.isfile, "an existing log.jsonl file"),
     "--out": (lambda v: v != "" and not os.path.isdir(v), "a PNG file path (not a folder)"),
@@ -322,7 +323,7 @@ FLAGS = {  # flag: (valid when, what is allowed); every value of the command lin
 
 
 def make_parser():
-    p = cli.Parser(prog="visualize.py", description=__doc__.split("\n\n")[0])
+    p = runtime.Parser(prog="visualize.py", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="checkpoint written by train.py (holds its Config)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--attention", action="store_true", help="CLS attention maps instead of reconstructions")
@@ -344,7 +345,7 @@ def make_parser():
 def parse_args(argv):
     p = make_parser()
     args = p.parse_args(argv)
-    cli.check_flags(p, args, FLAGS)
+    runtime.check_flags(p, args, FLAGS)
     return args
 
 
@@ -352,7 +353,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         out = make_figure(args)
-    except (sit.CheckpointError, data.DataError, LogError, ValueError, OSError) as e:
+    except (runtime.CheckpointError, data.DataError, LogError, ValueError, OSError) as e:
         print(f"visualize.py: error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
     print(out)
