@@ -1,9 +1,8 @@
 """Datasets and the device-side augmentation shared by train.py, eval.py and visualize.py.
 
-A dataset is an `ImageData`: uint8 images (N, C, S, S) held once in memory (moved to the training
-device by the caller) plus labels where the dataset has them. Folders of large images that would
-not fit are streamed instead through a DataLoader with workers (`ImageData.files`). Either way the
-two augmented views of the paper are made on the device, batched; random numbers come from rng.py.
+A dataset is an `ImageData`: uint8 images (N, C, S, S) held once in memory (moved to the training device by
+the caller) plus labels where the dataset has them; folders too large to hold are streamed through a DataLoader
+with workers (`ImageData.files`). Either way the paper's two views are made on the device, batched, drawing from rng.py.
 """
 import functools
 import gzip
@@ -29,8 +28,7 @@ STATS = {  # per-channel mean and std of the training images, in [0, 1]
 
 
 def stats(dataset):
-    """(mean, std) per channel, in [0, 1], that `dataset`'s images are normalised with (as `load`
-    gives them: ImageNet's for folders, flowers102 and pets)."""
+    """Per-channel (mean, std) in [0, 1] of `dataset` as `load` gives it (ImageNet's: folders, flowers102, pets)."""
     return STATS.get(dataset, IMAGENET_STATS)
 
 
@@ -60,24 +58,17 @@ class ImageData:
         return len(self.images) if self.images is not None else len(self.files)
 
 
-# ------------------------------------------------------------------------------------------------
-# Loading
-# ------------------------------------------------------------------------------------------------
+# === Loading
 
 def load(name, data_dir="./data", train=True, limit=0, pretrain=False, size=32):
     """The `train` or test split of dataset `name` (one of DATASETS, or a folder of images).
-
-    pretrain: the split used for self-supervised pretraining (STL-10: unlabelled + train).
-    size: side at which file-based images (folders, flowers102, pets) are decoded and held.
-    limit: keep only the first `limit` images (0 = all).
-    """
+    pretrain: the split for self-supervised pretraining (STL-10: unlabelled + train). size: side at
+    which file-based images (folders, flowers102, pets) are held. limit: the first `limit` images (0: all)."""
+    if name not in DATASETS and not os.path.isdir(name):
+        raise DataError(f"no such folder: {name}" if os.sep in name or name.startswith(".") else
+                        f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or a folder of images")
     if name not in DATASETS:
-        if os.path.isdir(name):
-            data = load_folder(name, size)
-        elif os.sep in name or name.startswith("."):
-            raise DataError(f"no such folder: {name}")
-        else:
-            raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or a folder of images")
+        data = load_folder(name, size)
     elif name == "synthetic":
         data = synthetic(train)
     elif name == "fashion-mnist":
@@ -119,28 +110,25 @@ def read_idx_gz(path):
 
 def fashion_mnist(data_dir, train):
     """Fashion-MNIST from Debian's dataset-fashion-mnist when installed, else torchvision's download."""
-    prefix = "train" if train else "t10k"
-    folder = FASHION_MNIST_DEBIAN
-    if not os.path.exists(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")):
-        import torchvision
-        ds = torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
-        return ImageData(ds.data[:, None].clone(), ds.targets.clone(), *STATS["fashion-mnist"], 10)
-    images = torch.from_numpy(read_idx_gz(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")).copy())
-    labels = torch.from_numpy(read_idx_gz(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64))
+    prefix = os.path.join(FASHION_MNIST_DEBIAN, "train" if train else "t10k")
+    if not os.path.exists(f"{prefix}-images-idx3-ubyte.gz"):
+        return torchvision_split("fashion-mnist", data_dir, train, False, 0)
+    images = torch.from_numpy(read_idx_gz(f"{prefix}-images-idx3-ubyte.gz").copy())
+    labels = torch.from_numpy(read_idx_gz(f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
     return ImageData(images[:, None], labels, *STATS["fashion-mnist"], num_classes=10)
 
 
 def torchvision_split(name, data_dir, train, pretrain, size):
-    """CIFAR, STL-10, MNIST, Flowers-102, Oxford-IIIT Pets through torchvision (downloaded once)."""
+    """CIFAR, STL-10, (Fashion-)MNIST, Flowers-102, Oxford-IIIT Pets through torchvision (downloaded once)."""
     import torchvision.datasets as tvd
     os.makedirs(data_dir, exist_ok=True)
     if name in ("cifar10", "cifar100"):
         ds = (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(data_dir, train=train, download=True)
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         return ImageData(images, torch.tensor(ds.targets), *STATS[name], len(ds.classes))
-    if name == "mnist":
-        ds = tvd.MNIST(data_dir, train=train, download=True)
-        return ImageData(ds.data[:, None].clone(), ds.targets.clone(), *STATS["mnist"], 10)
+    if name in ("mnist", "fashion-mnist"):
+        ds = (tvd.MNIST if name == "mnist" else tvd.FashionMNIST)(data_dir, train=train, download=True)
+        return ImageData(ds.data[:, None].clone(), ds.targets.clone(), *STATS[name], 10)
     if name == "stl10":
         split = "train+unlabeled" if (train and pretrain) else ("train" if train else "test")
         ds = tvd.STL10(data_dir, split=split, download=True)
@@ -156,9 +144,7 @@ def torchvision_split(name, data_dir, train, pretrain, size):
     raise DataError(f"unknown dataset {name!r}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Image files: decoded by DataLoader workers, resized (short side) and centre-cropped to S x S
-# ------------------------------------------------------------------------------------------------
+# === Image files: decoded by DataLoader workers, resized (short side) and centre-cropped to S x S
 
 class ImageFiles(torch.utils.data.Dataset):
     """(path, label) pairs -> (uint8 (3, S, S) image, label); an unreadable file gives an empty image."""
@@ -175,8 +161,7 @@ class ImageFiles(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                im = TF.center_crop(TF.resize(im.convert("RGB"), self.size), self.size)
-                return TF.pil_to_tensor(im), label
+                return TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), self.size), self.size)), label
         except Exception:
             return torch.empty(0, dtype=torch.uint8), label
 
@@ -203,18 +188,12 @@ def load_folder(folder, size):
 def decode_files(items, size, num_classes, workers=None):
     """Decode every file once with DataLoader workers into one uint8 tensor (N, 3, S, S)."""
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    loader = torch.utils.data.DataLoader(ImageFiles(items, size), batch_size=64, num_workers=workers,
-                                         collate_fn=list)
-    images, labels, skipped = [], [], 0
-    for batch in loader:
-        for img, label in batch:
-            if img.numel() == 0:
-                skipped += 1
-            else:
-                images.append(img)
-                labels.append(label)
-    images = torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
-    return ImageData(images, torch.tensor(labels, dtype=torch.long), *IMAGENET_STATS, num_classes, skipped=skipped)
+    loader = torch.utils.data.DataLoader(ImageFiles(items, size), batch_size=64, num_workers=workers, collate_fn=list)
+    pairs = [pair for batch in loader for pair in batch]
+    kept = [(img, label) for img, label in pairs if img.numel() > 0]   # an empty image: unreadable
+    images = torch.stack([img for img, _ in kept]) if kept else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    labels = torch.tensor([label for _, label in kept], dtype=torch.long)
+    return ImageData(images, labels, *IMAGENET_STATS, num_classes, skipped=len(pairs) - len(kept))
 
 
 def collate_readable(batch):
@@ -222,9 +201,7 @@ def collate_readable(batch):
     return torch.stack([img for img, _ in batch if img.numel() > 0])
 
 
-# ------------------------------------------------------------------------------------------------
-# Batches of one epoch: a seeded permutation per epoch, so a resumed run sees the same order
-# ------------------------------------------------------------------------------------------------
+# === Batches of one epoch: a seeded permutation per epoch, so a resumed run sees the same order
 
 def epoch_order(n, epoch, seed):
     """The permutation of n images for `epoch`; a pure function of (n, epoch, seed)."""
@@ -232,14 +209,10 @@ def epoch_order(n, epoch, seed):
 
 
 def epoch_batches(data, images, batch_size, epoch, seed, start=0, rank=0, world=1, workers=4):
-    """uint8 batches (B/world, C, S, S) on `images`' device for this rank, from batch index `start`.
-
-    images: data.images already moved to the training device, or None to stream data.files.
-    The last incomplete global batch is dropped, so every step has the same shape.
-    """
+    """uint8 batches (B/world, C, S, S) for this rank, from batch index `start`, on the device of `images`
+    (data.images moved there, or None to stream data.files). The last incomplete global batch is dropped."""
     order = epoch_order(len(data), epoch, seed)
-    steps = len(data) // batch_size
-    local = batch_size // world
+    steps, local = len(data) // batch_size, batch_size // world
     if images is not None:
         order = order.to(images.device)
         for s in range(start, steps):
@@ -248,34 +221,30 @@ def epoch_batches(data, images, batch_size, epoch, seed, start=0, rank=0, world=
         return
     order = order.tolist()
     idx = [order[s * batch_size + rank * local + j] for s in range(start, steps) for j in range(local)]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data.files, idx), batch_size=local,
-                                         num_workers=workers, collate_fn=collate_readable,
-                                         pin_memory=torch.cuda.is_available(), persistent_workers=False)
-    for batch in loader:
-        yield batch
+    yield from torch.utils.data.DataLoader(torch.utils.data.Subset(data.files, idx), batch_size=local,
+                                           num_workers=workers, collate_fn=collate_readable,
+                                           pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
-# ------------------------------------------------------------------------------------------------
-# Device-side augmentation (batched): crop, flip, colour jitter, grayscale, blur, solarize
-# ------------------------------------------------------------------------------------------------
+# === Device-side augmentation (batched): crop, flip, colour jitter, grayscale, blur, solarize
 
-def to_unit(x):
-    """uint8 (B, C, S, S), C = 1 or 3 -> float (B, 3, S, S) in [0, 1]."""
+def to_unit(x, size=None):
+    """uint8 (B, C, S, S), C = 1 or 3 -> float (B, 3, S, S) in [0, 1]; shrunk to `size` if larger (see `augment`)."""
     x = x.float() / 255
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if size and (x.shape[-1] > size or x.shape[-2] > size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
 
 
 def constant(values, device):
-    """A small constant tensor made once per device: no host-to-device copy in the training step
-    (inside a compiled graph it is a constant of the graph)."""
+    """A small constant tensor made once per device (in a compiled graph, a constant of the graph)."""
     if torch.compiler.is_compiling():
         return torch.tensor(values, device=device)
-    return cached_constant(values, device)
+    return cached_constant(values, device=device)
 
 
-@functools.lru_cache(maxsize=64)
-def cached_constant(values, device):
-    return torch.tensor(values, device=device)
+cached_constant = functools.lru_cache(maxsize=64)(torch.tensor)
 
 
 def channel_stats(mean, std, device):
@@ -307,11 +276,9 @@ def rand(B, device, lo=0.0, hi=1.0):
 
 
 def random_resized_crop(x, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5):
-    """Per-image crop of area share ~U(scale) and aspect ~logU(ratio), resized to size; flip p 0.5.
-
-    One affine grid_sample for the batch. Differs from torchvision: a crop that would not fit is
-    clamped to the image instead of re-drawn (up to 10 times) and falling back to a centre crop.
-    """
+    """Per-image crop of area share ~U(scale) and aspect ~logU(ratio), resized to size; flip p 0.5; one
+    affine grid_sample for the batch. Differs from torchvision: a crop that would not fit is clamped to
+    the image instead of re-drawn (up to 10 times) and falling back to a centre crop."""
     B, dev = x.shape[0], x.device
     area = rand(B, dev, *scale)
     log_r = rand(B, dev, math.log(ratio[0]), math.log(ratio[1]))
@@ -332,20 +299,13 @@ def gray(x):
 
 
 RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))  # NTSC
-YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(RGB_TO_YIQ, dtype=torch.float64)).tolist()))
-
-
-def yiq_matrices(device):
-    """RGB -> YIQ (NTSC) and its exact inverse (computed once, at import, in float64)."""
-    return constant(RGB_TO_YIQ, device), constant(YIQ_TO_RGB, device)
+YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(RGB_TO_YIQ, dtype=torch.float64)).tolist()))  # exact
 
 
 def color_jitter(x, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
-    """Brightness, contrast, saturation and hue jitter, each image with probability p.
-
-    Differs from torchvision: a fixed order (not a random one) and hue rotated in YIQ space
-    (a 3x3 matrix per image) instead of through HSV; both keep it a few batched ops.
-    """
+    """Brightness, contrast, saturation and hue jitter, each image with probability p. Differs from
+    torchvision: a fixed order (not a random one) and hue rotated in YIQ space (a 3x3 matrix per image)
+    instead of through HSV; both keep it a few batched ops."""
     B, dev = x.shape[0], x.device
     on = (rand(B, dev) < p).float().view(B, 1, 1, 1)
     def factor(a):
@@ -354,11 +314,10 @@ def color_jitter(x, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1
     x = ((x - gray(x).mean((2, 3), keepdim=True)) * factor(contrast) + gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
     x = ((x - gray(x)) * factor(saturation) + gray(x)).clamp(0, 1)
     angle = on.view(B) * rand(B, dev, -hue, hue) * 2 * math.pi
-    to_yiq, from_yiq = yiq_matrices(dev)
     c, s = angle.cos(), angle.sin()
     rot = torch.zeros(B, 3, 3, device=dev)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, c, -s, s, c
-    m = from_yiq @ rot @ to_yiq                                     # (B, 3, 3)
+    m = constant(YIQ_TO_RGB, dev) @ rot @ constant(RGB_TO_YIQ, dev)  # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
 
 
@@ -369,8 +328,7 @@ def random_grayscale(x, p=0.2):
 
 def gaussian_blur(x, p, sigma=(0.1, 2.0)):
     """Per-image Gaussian blur with probability p, sigma ~ U(sigma) (pixels), separable, one conv each way."""
-    B, C, H, W = x.shape
-    dev = x.device
+    (B, C, H, W), dev = x.shape, x.device
     s = rand(B, dev, *sigma)
     s = torch.where(rand(B, dev) < p, s, torch.full_like(s, 1e-3))  # ~ identity kernel
     r = max(1, math.ceil(3 * sigma[1]))
@@ -389,54 +347,40 @@ def solarize(x, p):
 
 
 def augment(x, size, blur_p, solarize_p):
-    """One view: uint8 (B, C, S, S) -> float (B, 3, size, size) in [0, 1].
-
-    Images larger than `size` (STL-10's 96 px for 32 px training) are first shrunk to it with
-    antialiasing, as `prepare` does for evaluation: cropping and shrinking them in one bilinear
-    grid_sample would alias, so training and test inputs would differ in sharpness.
-    """
-    x = to_unit(x)
-    if x.shape[-1] > size or x.shape[-2] > size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    """One view: uint8 (B, C, S, S) -> float (B, 3, size, size) in [0, 1]. Larger images (STL-10's 96 px
+    for 32 px training) are first shrunk to `size` with antialiasing by `to_unit`, as `prepare` does:
+    cropping and shrinking in one bilinear grid_sample would alias, and train and test sharpness would differ."""
+    x = to_unit(x, size)
     x = random_resized_crop(x, size)
     x = random_grayscale(color_jitter(x))
-    # The reference blurs images upsampled to 224 px with sigma in [0.1, 2]; at other sizes the same
-    # relative blur is sigma x size / 224.
+    # The reference blurs 224 px images with sigma in [0.1, 2]: the same relative blur is sigma x size / 224
     x = gaussian_blur(x, blur_p, sigma=(0.1 * size / 224, 2.0 * size / 224))
     return solarize(x, solarize_p)
 
 
 def two_views(x, size, mean, std):
     """The two normalised views of a uint8 batch, stacked (2B, 3, size, size): [view 1; view 2].
-
-    View 1: blur p 1.0. View 2: blur p 0.1, solarize p 0.2 (as in BYOL/DINO and the reference).
-    """
+    View 1: blur p 1.0. View 2: blur p 0.1, solarize p 0.2 (as in BYOL/DINO and the reference)."""
     v1 = augment(x, size, blur_p=1.0, solarize_p=0.0)
     v2 = augment(x, size, blur_p=0.1, solarize_p=0.2)
     return normalize(torch.cat([v1, v2]), mean, std)
 
 
-# ------------------------------------------------------------------------------------------------
-# Fine-tuning augmentation (DeiT/MAE recipe), batched on the device
-# ------------------------------------------------------------------------------------------------
-# DeiT's training transform (Touvron et al., arXiv 2012.12877), which MAE's fine-tuning (He et al.,
-# arXiv 2111.06377) also uses: random-resized crop (area 0.08..1) and flip, RandAugment (Cubuk et
-# al., arXiv 1909.13719) as timm's "rand-m9-mstd0.5-inc1", normalisation, random erasing (Zhong et
-# al., arXiv 1708.04896) with p 0.25. Mixup, CutMix and label smoothing change the labels too, so
-# they live in eval.py. Every random number comes from `rand`, per image, on the images' device.
+# === Fine-tuning augmentation (DeiT/MAE recipe), batched on the device
+# DeiT's training transform (Touvron et al., arXiv 2012.12877), also MAE's fine-tuning (He et al., arXiv
+# 2111.06377): random-resized crop (area 0.08..1) and flip, RandAugment (Cubuk et al., arXiv 1909.13719)
+# as timm's "rand-m9-mstd0.5-inc1", normalisation, random erasing (Zhong et al., arXiv 1708.04896) p 0.25.
+# Mixup, CutMix and label smoothing change the labels too: they live in eval.py. Every draw is `rand`'s.
+# RAND_AUGMENT_OPS is timm's increasing-magnitude list, in its order.
 
-RAND_AUGMENT_OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add",
-                    "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x",
-                    "translate_y")   # timm's increasing-magnitude list, in its order
+RAND_AUGMENT_OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
+                    "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
 def affine_ops(x, pick, signed, fill):
-    """Rotate (30 deg), shear x / y (0.3) and translate x / y (0.45 of the side), times `signed`.
-
-    x (B, 3, H, W) in [0, 1]; pick (B,) index into RAND_AUGMENT_OPS; signed (B,) level in [-1, 1].
-    One bilinear grid_sample for the batch, about the image centre; uncovered pixels take the colour
-    `fill`. Images that picked another op come back untouched.
-    """
+    """Rotate (30 deg), shear x / y (0.3), translate x / y (0.45 of the side), times `signed` (B,) in [-1, 1],
+    on x (B, 3, H, W) where `pick` (B,) (index into RAND_AUGMENT_OPS) chose them, the others untouched. One
+    bilinear grid_sample for the batch, about the image centre; uncovered pixels take the colour `fill`."""
     B, C, H, W = x.shape
     def on(name):
         return (pick == RAND_AUGMENT_OPS.index(name)).float()
@@ -475,9 +419,8 @@ def autocontrast(x):
 
 
 def equalize(x):
-    """Histogram equalisation of each channel of each image over 256 levels, as PIL's
-    ImageOps.equalize: level i -> (step // 2 + pixels below i) // step, step = (pixels not at the
-    top level) // 255; a channel with step 0 (nearly constant) is left as it is."""
+    """PIL's ImageOps.equalize per channel over 256 levels: level i -> (step // 2 + pixels below i) // step,
+    step = (pixels not at the top level) // 255; a channel with step 0 (nearly constant) is left as it is."""
     B, C, H, W = x.shape
     v = (x * 255).round().long().clamp(0, 255).view(B * C, H * W)
     hist = torch.zeros(B * C, 256, dtype=torch.long, device=x.device).scatter_add_(1, v, torch.ones_like(v))
@@ -489,12 +432,9 @@ def equalize(x):
 
 
 def colour_ops(x, pick, level, signed):
-    """The 10 colour ops of RAND_AUGMENT_OPS at `level` (B,) in [0, 1], each where picked.
-
-    Enhance factors 1 + 0.9 signed (at least 0.1); posterize keeps 4 - floor(4 level) bits;
-    solarize inverts values >= 256 - floor(256 level) (of 255); solarize_add adds floor(110 level)
-    to values below 128.
-    """
+    """The 10 colour ops of RAND_AUGMENT_OPS at `level` (B,) in [0, 1], each where picked. Enhance factors
+    1 + 0.9 signed (at least 0.1); posterize keeps 4 - floor(4 level) bits; solarize inverts values
+    >= 256 - floor(256 level) (of 255); solarize_add adds floor(110 level) to values below 128."""
     B = x.shape[0]
     def on(name):
         return (pick == RAND_AUGMENT_OPS.index(name)).view(B, 1, 1, 1)
@@ -514,19 +454,13 @@ def colour_ops(x, pick, level, signed):
 
 
 def rand_augment(x, n=2, magnitude=9.0, magnitude_std=0.5, p=0.5, fill=(0.5, 0.5, 0.5)):
-    """RandAugment as timm's "rand-m9-mstd0.5-inc1" (DeiT's and MAE's): x (B, 3, H, W) in [0, 1].
-
-    n times, each image picks one of the 15 RAND_AUGMENT_OPS (with replacement), applies it with
-    probability p at magnitude ~ N(magnitude, magnitude_std) clipped to 0..10 (level = magnitude/10),
-    signed ops (geometry, enhance factors) with a random sign. Uncovered pixels take `fill` (the
-    dataset's mean colour, as timm's img_mean).
-    Differs from timm's RandAugment, which runs on uint8 PIL images one at a time: float images, all
-    images at once (every op is computed for the batch and kept where picked); bilinear resampling
-    only (timm picks bilinear or bicubic); shears about the centre (PIL's about the top-left corner);
-    contrast from the unrounded mean gray.
-    """
-    B, dev = x.shape[0], x.device
-    K = len(RAND_AUGMENT_OPS)
+    """RandAugment as timm's "rand-m9-mstd0.5-inc1" (DeiT's, MAE's) on x (B, 3, H, W) in [0, 1]: n times, each
+    image picks one of the 15 RAND_AUGMENT_OPS (with replacement), applied with probability p at magnitude
+    ~ N(magnitude, magnitude_std) clipped to 0..10 (level = magnitude / 10), signed ops (geometry, enhance)
+    with a random sign; `fill`: the mean colour (timm's img_mean). Differs from timm (uint8 PIL images one
+    at a time): float images, all at once (every op computed for the batch, kept where picked); bilinear
+    only (timm: bilinear or bicubic); shears about the centre (PIL: top-left corner); contrast: unrounded mean gray."""
+    B, dev, K = x.shape[0], x.device, len(RAND_AUGMENT_OPS)
     for _ in range(n):
         pick = (rand(B, dev) * K).long().clamp(max=K - 1)
         pick = torch.where(rand(B, dev) < p, pick, -1)   # -1: this image skips the op
@@ -537,14 +471,10 @@ def rand_augment(x, n=2, magnitude=9.0, magnitude_std=0.5, p=0.5, fill=(0.5, 0.5
 
 
 def random_erasing(x, p=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
-    """With probability p per image, one rectangle of normalised x (B, C, H, W) becomes N(0, 1) noise.
-
-    Area share ~ U(area), aspect h/w ~ logU(aspect), noise per pixel and channel (timm's "pixel"
-    mode, DeiT's and MAE's setting). Differs from timm: a rectangle that does not fit is clamped to
-    the image, instead of re-drawn up to 10 times and then skipped.
-    """
-    B, C, H, W = x.shape
-    dev = x.device
+    """With probability p per image, a rectangle of normalised x (B, C, H, W) becomes N(0, 1) noise: area share
+    ~ U(area), aspect h/w ~ logU(aspect), noise per pixel and channel (timm's "pixel" mode, DeiT's and MAE's).
+    Differs from timm: a rectangle that does not fit is clamped to the image, not re-drawn (10 tries) or skipped."""
+    (B, C, H, W), dev = x.shape, x.device
     target = rand(B, dev, *area) * H * W                  # (B,) pixels
     aspect = rand(B, dev, math.log(aspect[0]), math.log(aspect[1])).exp()
     h = (target * aspect).sqrt().round().clamp(1, H)
@@ -558,16 +488,11 @@ def random_erasing(x, p=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
     return torch.where(box.unsqueeze(1), noise, x)                   # (B, 1, H, W) box, per channel
 
 
-def finetune_view(x, size, mean, std, crop_min=0.08, randaug_n=2, randaug_m=9.0,
-                  randaug_mstd=0.5, reprob=0.25):
-    """DeiT's training transform: uint8 (B, C, S, S) -> normalised float (B, 3, size, size).
-
-    Crop of area share ~U(crop_min, 1) and flip, RandAugment (randaug_n = 0: off), normalisation,
-    random erasing (reprob = 0: off). Larger images are first shrunk to `size` as `prepare` does.
-    """
-    x = to_unit(x)
-    if x.shape[-1] > size or x.shape[-2] > size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+def finetune_view(x, size, mean, std, crop_min=0.08, randaug_n=2, randaug_m=9.0, randaug_mstd=0.5, reprob=0.25):
+    """DeiT's training transform: uint8 (B, C, S, S) -> normalised float (B, 3, size, size). Crop of area
+    share ~U(crop_min, 1) and flip, RandAugment (randaug_n = 0: off), normalisation, random erasing
+    (reprob = 0: off). Larger images are first shrunk to `size` as `prepare` does."""
+    x = to_unit(x, size)
     x = random_resized_crop(x, size, scale=(crop_min, 1.0))
     if randaug_n:
         x = rand_augment(x, randaug_n, randaug_m, randaug_mstd, fill=mean)

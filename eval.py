@@ -1,13 +1,9 @@
 """Evaluate a SiT checkpoint's encoder: k-NN, linear probe, few-shot and fine-tuning.
 
-Atito, Awais, Kittler, "SiT: Self-supervised vIsion Transformer", arXiv 2104.03602: the paper
-reports full fine-tuning (DeiT recipe), linear probes on frozen features and few-shot accuracy;
-k-NN on frozen CLS features (weighted vote, k = 20, T = 0.07, as in DINO) is the cheap monitor.
-
-Usage: python eval.py runs/cifar10/ckpt.pt --mode knn|linear|fewshot|finetune [--random-init]
-Each run prints a short table and appends one JSON line to --results (default: results.jsonl
-beside the checkpoint). Shapes: N images, D token width, F feature width (D, or 2D with
---mean-patch), C classes, B batch.
+As in the SiT paper (arXiv 2104.03602): full fine-tuning (DeiT recipe), linear probes and few-shot accuracy on frozen
+features; k-NN on CLS features (weighted vote, k = 20, T = 0.07, as in DINO) is the cheap monitor. Each run prints a
+table and appends one JSON line to --results (default: results.jsonl beside the checkpoint); see the README.
+Shapes: N images, D token width, F feature width (D, or 2D with --mean-patch), C classes, B batch.
 """
 import argparse
 import json
@@ -26,8 +22,8 @@ import data
 import rng
 import runtime
 import sit
+from runtime import INT, allowed
 
-MODES = ("knn", "linear", "fewshot", "finetune")
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # linear probe grid: lambda of lambda/2 |W|^2
 VAL_SHARE = 0.1                                        # share of train held out to choose lambda
 
@@ -35,17 +31,13 @@ VAL_SHARE = 0.1                                        # share of train held out
 class EvalError(ValueError):
     """A request that cannot be met (device not available, too few images per class or per batch)."""
 
+# === Frozen features and k-NN (train.py's monitor uses these two)
 
-# ------------------------------------------------------------------------------------------------
-# Frozen features and k-NN (train.py's monitor uses these two)
-# ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def features(backbone, images, size, mean, std, batch_size=512, mean_patch=False):
-    """CLS features (N, D), float32, of uint8 images (N, C, S, S) on the backbone's device.
-
-    mean_patch: append the mean of the patch tokens, giving (N, 2D).
-    """
+    """CLS features (N, D), float32, of uint8 images (N, C, S, S) on the backbone's device; mean_patch
+    appends the mean of the patch tokens, giving (N, 2D)."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -61,14 +53,9 @@ def features(backbone, images, size, mean, std, batch_size=512, mean_patch=False
 
 
 @torch.no_grad()
-def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k=20, T=0.07,
-                 chunk=1024):
-    """Top-1 (%) of a weighted k-NN vote over L2-normalised features (k = 20, T = 0.07, as in DINO).
-
-    Each of the k nearest training features votes for its label with weight exp(cos / T).
-    """
-    train_feats = F.normalize(train_feats, dim=1)
-    test_feats = F.normalize(test_feats, dim=1)
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k=20, T=0.07, chunk=1024):
+    """Top-1 (%) of k-NN on L2-normalised features (as DINO): the k nearest training ones vote, weight exp(cos / T)."""
+    train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
     train_labels, test_labels = train_labels.to(train_feats.device), test_labels.to(train_feats.device)
     k = min(k, len(train_feats))
     correct = 0
@@ -80,10 +67,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
         correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
     return 100.0 * correct / len(test_feats)
 
+# === Linear probe and few-shot: multinomial logistic regression on frozen, standardised features
 
-# ------------------------------------------------------------------------------------------------
-# Linear probe and few-shot: multinomial logistic regression on frozen, standardised features
-# ------------------------------------------------------------------------------------------------
 
 def standardize(train, *others):
     """Shift and scale every feature to mean 0, std 1 on `train` (N, F); the same map for `others`."""
@@ -92,16 +77,12 @@ def standardize(train, *others):
 
 
 def fit_linear(x, y, num_classes, weight_decay, steps=500):
-    """Linear classifier (F -> C) minimising CE(x W^T + b, y) + weight_decay/2 |W|^2, full-batch L-BFGS.
-
-    x (N, F) and y (N,) on the device; starts from zero, so the fit is deterministic. `steps` caps
-    the L-BFGS iterations (strong-Wolfe line search; it stops earlier once converged).
-    """
+    """Linear classifier (F -> C) minimising CE(x W^T + b, y) + weight_decay/2 |W|^2 on x (N, F), y (N,): full-batch
+    L-BFGS from zero (deterministic), strong-Wolfe line search, at most `steps` iterations (fewer once converged)."""
     head = nn.Linear(x.shape[1], num_classes).to(x.device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -121,11 +102,8 @@ def top1(head, x, y):
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=0, grid=WEIGHT_DECAYS, steps=500):
-    """Top-1 (%) on test of a linear probe, and its details.
-
-    The weight decay is the grid value with the best top-1 on a held-out VAL_SHARE of train; the
-    probe is then refitted on all of train. Features (N, F) are standardised with train statistics.
-    """
+    """Top-1 (%) on test of a linear probe on standardised features (N, F), and its details: the weight decay of the
+    grid with the best top-1 on a held-out VAL_SHARE of train, then the probe refitted on all of train."""
     train_x, test_x = standardize(train_x, test_x)
     perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
     n_val = max(1, int(VAL_SHARE * len(train_x)))
@@ -151,27 +129,19 @@ def fewshot_indices(labels, num_classes, shots, seed):
 
 
 def fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seeds, weight_decay, steps=500):
-    """{K: top-1 (%) per seed} of linear classifiers fitted on K labelled images per class.
-
-    Standardisation uses all training features (no labels); the classifier sees only the K-shot draw.
-    The weight decay is fixed: with one image per class there is nothing to hold out.
-    """
+    """{K: top-1 (%) per seed} of linear classifiers fitted on K labelled images per class, standardised with all
+    training features (no labels); fixed weight decay: with one image per class there is nothing to hold out."""
     train_x, test_x = standardize(train_x, test_x)
-    runs = {}
+    runs = {K: [] for K in shots}
     for K in shots:
-        runs[K] = []
         for seed in seeds:
             idx = fewshot_indices(train_y, num_classes, K, seed).to(train_x.device)
             head = fit_linear(train_x[idx], train_y[idx], num_classes, weight_decay, steps)
             runs[K].append(top1(head, test_x, test_y))
     return runs
 
+# === Fine-tuning: the whole encoder + a linear head on CLS, MAE's / DeiT's recipe (images: data.finetune_view)
 
-# ------------------------------------------------------------------------------------------------
-# Fine-tuning: the whole encoder plus a linear head on CLS, with DeiT's and MAE's recipe: the
-# augmentation of data.finetune_view, mixup / CutMix with label smoothing, AdamW with layer-wise lr
-# decay, warm-up + cosine, stochastic depth. The images part is in data.py; the labels part is here.
-# ------------------------------------------------------------------------------------------------
 
 class Classifier(nn.Module):
     """ViT encoder + linear head on its CLS token: images (B, 3, H, W) -> logits (B, C)."""
@@ -188,9 +158,7 @@ class Classifier(nn.Module):
 
 def param_groups(model, weight_decay, layer_decay):
     """AdamW groups; lr scale layer_decay^(L + 1 - layer), layer 0 = embeddings, L + 1 = norm and head.
-
-    No weight decay on biases, norm weights, the CLS token and the position embedding (as DeiT).
-    """
+    No weight decay on biases, norm weights, the CLS token and the position embedding (as DeiT)."""
     L = len(model.backbone.blocks)
     groups = {}
     for name, p in model.named_parameters():
@@ -219,14 +187,9 @@ def smooth_targets(labels, num_classes, smoothing):
 
 
 def mix(x, targets, mixup, cutmix, rng, prob=1.0, switch_prob=0.5):
-    """Mixup or CutMix of images x (B, 3, H, W) and soft targets (B, C) with the reversed batch.
-
-    With probability `prob` a batch is mixed, by one lambda ~ Beta(alpha, alpha) for the whole
-    batch; when both are on, CutMix is chosen with probability `switch_prob` (DeiT's and MAE's
-    defaults: mixup 0.8, cutmix 1.0, prob 1.0, switch 0.5). alpha 0 turns a kind off. The CutMix
-    box is clipped to the image and lambda corrected to the area it really covers.
-    rng: a numpy Generator (host draws, no device sync).
-    """
+    """Mixup or CutMix of images x (B, 3, H, W) and soft targets (B, C) with the reversed batch: with probability
+    `prob`, by one lambda ~ Beta(alpha, alpha); CutMix with probability `switch_prob` when both are on; alpha 0 turns a
+    kind off. The CutMix box is clipped to the image, lambda corrected to its area. rng: numpy's (no device sync)."""
     if (mixup <= 0 and cutmix <= 0) or rng.random() >= prob:
         return x, targets
     use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
@@ -268,18 +231,14 @@ def finetune_epoch(model, opt, images, labels, test, stats, args, epoch, generat
         loss.backward()
         opt.step()
         total += loss.detach()
-    with torch.no_grad():
-        logits = model.head(features(model.backbone, test.images, size, mean, std))
-    acc = 100.0 * (logits.argmax(1).cpu() == test.labels).float().mean().item()
+    acc = top1(model.head, features(model.backbone, test.images, size, mean, std), test.labels.to(images.device))
     return total.item() / max(steps, 1), acc
 
+# === The four modes: each returns dict(accuracy=..., **details)
 
-# ------------------------------------------------------------------------------------------------
-# The four modes: each returns dict(accuracy=..., **details)
-# ------------------------------------------------------------------------------------------------
 
-def frozen(args, backbone, train, test):
-    """Frozen features, computed once: (train_x (N, F), train_y (N,), test_x, test_y) on the device."""
+def run_frozen(args, backbone, train, test):
+    """knn, linear or fewshot on frozen features, computed once: train_x (N, F), train_y (N,), test_x, test_y, C."""
     if args.raw_pixels:  # the baseline without any encoder: normalised pixels, flattened
         device = next(backbone.parameters()).device
         xs = [torch.cat([data.prepare(d.images[i:i + 1024].to(device), args.img_size, train.mean, train.std)
@@ -287,24 +246,14 @@ def frozen(args, backbone, train, test):
     else:
         xs = [features(backbone, d.images, args.img_size, train.mean, train.std, mean_patch=args.mean_patch)
               for d in (train, test)]
-    return xs[0], train.labels.to(xs[0].device), xs[1], test.labels.to(xs[0].device)
-
-
-def run_knn(args, backbone, train, test):
-    acc = knn_accuracy(*frozen(args, backbone, train, test), train.num_classes, k=args.k)
-    return dict(accuracy=acc, k=args.k, T=0.07, mean_patch=args.mean_patch)
-
-
-def run_linear(args, backbone, train, test):
-    acc, details = linear_probe(*frozen(args, backbone, train, test), train.num_classes, args.seed,
-                                steps=args.probe_steps)
-    return dict(accuracy=acc, mean_patch=args.mean_patch, probe_steps=args.probe_steps, **details)
-
-
-def run_fewshot(args, backbone, train, test):
+    task = xs[0], train.labels.to(xs[0].device), xs[1], test.labels.to(xs[0].device), train.num_classes
+    if args.mode == "knn":
+        return dict(accuracy=knn_accuracy(*task, k=args.k), k=args.k, T=0.07, mean_patch=args.mean_patch)
+    if args.mode == "linear":
+        acc, details = linear_probe(*task, args.seed, steps=args.probe_steps)
+        return dict(accuracy=acc, mean_patch=args.mean_patch, probe_steps=args.probe_steps, **details)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    runs = fewshot(*frozen(args, backbone, train, test), train.num_classes, args.shots, seeds,
-                   args.fewshot_wd, args.probe_steps)
+    runs = fewshot(*task, args.shots, seeds, args.fewshot_wd, args.probe_steps)
     return dict(accuracy={str(K): statistics.mean(r) for K, r in runs.items()},
                 std={str(K): statistics.stdev(r) if len(r) > 1 else 0.0 for K, r in runs.items()},
                 runs={str(K): r for K, r in runs.items()}, seeds=seeds, weight_decay=args.fewshot_wd,
@@ -331,28 +280,20 @@ def run_finetune(args, backbone, train, test):
     name = "finetuned-random-init.pt" if args.random_init else "finetuned.pt"
     path = os.path.join(os.path.dirname(os.path.abspath(args.results)), name)
     runtime.atomic_save(dict(format="sit-finetuned-v1", config=vars(args.cfg), dataset=args.dataset,
-                     num_classes=train.num_classes, model={k: v.cpu() for k, v in model.state_dict().items()},
-                     epoch=args.epochs, accuracy=accs[-1], torch_version=str(torch.__version__)), path)
+                             num_classes=train.num_classes, model={k: v.cpu() for k, v in model.state_dict().items()},
+                             epoch=args.epochs, accuracy=accs[-1], torch_version=str(torch.__version__)), path)
+    recipe = ("lr batch_size min_lr warmup_epochs weight_decay layer_decay drop_path crop_min randaug_n randaug_m "
+              "randaug_mstd reprob mixup cutmix mixup_prob mixup_switch_prob smoothing").split()
     # The headline is the last epoch: the best epoch is picked by looking at the test set.
-    return dict(accuracy=accs[-1], best_epoch_picked_on_test=max(accs), per_epoch=accs,
-                finetune_epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, min_lr=args.min_lr,
-                warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
-                drop_path=args.drop_path, crop_min=args.crop_min, randaug_n=args.randaug_n,
-                randaug_m=args.randaug_m, randaug_mstd=args.randaug_mstd, reprob=args.reprob,
-                mixup=args.mixup, cutmix=args.cutmix, mixup_prob=args.mixup_prob,
-                mixup_switch_prob=args.mixup_switch_prob, smoothing=args.smoothing, finetuned=path)
+    return dict(accuracy=accs[-1], best_epoch_picked_on_test=max(accs), per_epoch=accs, finetune_epochs=args.epochs,
+                **{name: getattr(args, name) for name in recipe}, finetuned=path)
 
+# === Command line
 
-RUNS = dict(knn=run_knn, linear=run_linear, fewshot=run_fewshot, finetune=run_finetune)
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
 
 def encoder(args, device):
-    """(ViT, info, pretraining epochs): runtime.load_encoder's (the momentum teacher's backbone, an EMA
-    of the student, as DINO and MoCo evaluate), or a fresh one of its shape (--random-init).
-    Fine-tuning adds stochastic depth (--drop-path)."""
+    """(ViT, info, pretraining epochs): runtime.load_encoder's (the momentum teacher's backbone, an EMA of the student,
+    as DINO and MoCo evaluate), or a fresh one of its shape (--random-init); fine-tuning adds --drop-path."""
     drop = args.drop_path if args.mode == "finetune" else 0.0
     vit, _, info = runtime.load_encoder(args.checkpoint, device=device, drop_path=drop)
     if args.random_init:
@@ -372,92 +313,65 @@ def load_labelled(args, train):
     return d
 
 
-
-FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
-    "--dataset": data.DATASET_RULE,
-    "--data-dir": runtime.FOLDER,
-    "--limit": runtime.allowed(0, kind=runtime.INT),
-    "--seed": runtime.allowed(0, 2**32 - 1, kind=runtime.INT),
-    "--results": (lambda v: v != "" and not os.path.isdir(v), "a file to append to (not a folder)"),
-    "--k": runtime.allowed(1, kind=runtime.INT),
-    "--probe-steps": runtime.allowed(1, kind=runtime.INT),
-    "--shots": (lambda v: all(s.strip().isascii() and s.strip().isdigit() and int(s) >= 1 for s in v.split(",")),
-                "comma-separated integers >= 1"),
-    "--seeds": runtime.allowed(1, kind=runtime.INT),
-    "--fewshot-wd": runtime.allowed(0),
-    "--epochs": runtime.allowed(1, kind=runtime.INT),
-    "--batch-size": runtime.allowed(1, kind=runtime.INT),
-    "--lr": runtime.allowed(0, open_lo=True),
-    "--min-lr": runtime.allowed(0),
-    "--warmup-epochs": runtime.allowed(0),
-    "--weight-decay": runtime.allowed(0),
-    "--layer-decay": runtime.allowed(0, 1, open_lo=True),
-    "--drop-path": runtime.allowed(0, 1, open_hi=True),
-    "--crop-min": runtime.allowed(0, 1, open_lo=True),
-    "--randaug-n": runtime.allowed(0, kind=runtime.INT),
-    "--randaug-m": runtime.allowed(0, 10),
-    "--randaug-mstd": runtime.allowed(0),
-    "--reprob": runtime.allowed(0, 1),
-    "--mixup": runtime.allowed(0),
-    "--cutmix": runtime.allowed(0),
-    "--mixup-prob": runtime.allowed(0, 1),
-    "--mixup-switch-prob": runtime.allowed(0, 1),
-    "--smoothing": runtime.allowed(0, 1),
+# flag: (type, default, help, valid when), each checked once parsed. Fine-tuning defaults: MAE's (arXiv 2111.06377).
+FLAGS = {
+    "--dataset": (str, None, "evaluate on this dataset; None = the checkpoint's", data.DATASET_RULE),
+    "--data-dir": (str, None, "where datasets live; None = the checkpoint's", runtime.FOLDER),
+    "--limit": (int, 0, "first N images of each split; 0 = all", allowed(0, kind=INT)),
+    "--seed": (int, 0, "random seed (first seed of few-shot draws)", allowed(0, 2**32 - 1, kind=INT)),
+    "--results": (str, None, "JSON-lines file to append to; None = results.jsonl beside the checkpoint",
+                  (lambda v: v != "" and not os.path.isdir(v), "a file to append to (not a folder)")),
+    "--k": (int, 20, "k-NN: neighbours", allowed(1, kind=INT)),
+    "--probe-steps": (int, 500, "linear/fewshot: most L-BFGS iterations per fit", allowed(1, kind=INT)),
+    "--shots": (str, "1,5,10,25", "fewshot: K labelled images per class, comma-separated",
+                (lambda v: all(s.strip().isascii() and s.strip().isdigit() and int(s) >= 1 for s in v.split(",")),
+                 "comma-separated integers >= 1")),
+    "--seeds": (int, 5, "fewshot: draws per K", allowed(1, kind=INT)),
+    "--fewshot-wd": (float, 1e-2, "fewshot: L2 weight on the classifier", allowed(0)),
+    "--epochs": (int, 100, "finetune: epochs (MAE, ViT-B: 100)", allowed(1, kind=INT)),
+    "--batch-size": (int, 256, "finetune: images per step", allowed(1, kind=INT)),
+    "--lr": (float, 5e-4, "finetune: base lr per 256 images; peak lr = lr x batch/256 (MAE's FINETUNE.md: blr "
+             "5e-4 for ViT-B, lr = blr x batch/256)", allowed(0, open_lo=True)),
+    "--min-lr": (float, 1e-6, "finetune: lr at the end of the cosine (MAE)", allowed(0)),
+    "--warmup-epochs": (float, 5, "finetune: linear warm-up epochs (MAE)", allowed(0)),
+    "--weight-decay": (float, 0.05, "finetune: AdamW weight decay (MAE, DeiT)", allowed(0)),
+    "--layer-decay": (float, None, "finetune: lr x decay^(depth from the top), 1 = off; None = 0.75 (iBOT's ViT-S/16 "
+                      "and MAE's ViT-L; MAE's ViT-B: 0.65), or 1 with --random-init", allowed(0, 1, open_lo=True)),
+    "--drop-path": (float, 0.1, "finetune: stochastic depth at the last block (MAE)", allowed(0, 1, open_hi=True)),
+    "--crop-min": (float, 0.08, "finetune: smallest area share of the random-resized crop (DeiT: 0.08)",
+                   allowed(0, 1, open_lo=True)),
+    "--randaug-n": (int, 2, "finetune: RandAugment ops per image; 0 = off (DeiT: rand-m9-mstd0.5-inc1)",
+                    allowed(0, kind=INT)),
+    "--randaug-m": (float, 9, "finetune: RandAugment magnitude, 0..10", allowed(0, 10)),
+    "--randaug-mstd": (float, 0.5, "finetune: std of the RandAugment magnitude", allowed(0)),
+    "--reprob": (float, 0.25, "finetune: random erasing probability; 0 = off", allowed(0, 1)),
+    "--mixup": (float, 0.8, "finetune: mixup Beta alpha; 0 = off", allowed(0)),
+    "--cutmix": (float, 1.0, "finetune: CutMix Beta alpha; 0 = off", allowed(0)),
+    "--mixup-prob": (float, 1.0, "finetune: probability that a batch is mixed", allowed(0, 1)),
+    "--mixup-switch-prob": (float, 0.5, "finetune: probability of CutMix when both are on", allowed(0, 1)),
+    "--smoothing": (float, 0.1, "finetune: label smoothing", allowed(0, 1)),
 }
 
 
 def make_parser():
     p = runtime.Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py")
-    p.add_argument("--mode", required=True, choices=MODES, help="which evaluation")
-    p.add_argument("--random-init", action="store_true", help="a fresh encoder of the same config (baseline)")
-    p.add_argument("--dataset", help="evaluate on this dataset; None = the checkpoint's")
-    p.add_argument("--data-dir", help="where datasets live; None = the checkpoint's")
-    p.add_argument("--limit", type=int, default=0, help="first N images of each split; 0 = all")
+    p.add_argument("--mode", required=True, choices=("knn", "linear", "fewshot", "finetune"), help="which evaluation")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                    help="auto: cuda, then mps, then cpu")
-    p.add_argument("--seed", type=int, default=0, help="random seed (first seed of few-shot draws)")
-    p.add_argument("--results", help="JSON-lines file to append to; None = results.jsonl beside the checkpoint")
-    p.add_argument("--k", type=int, default=20, help="k-NN: neighbours")
+    p.add_argument("--random-init", action="store_true", help="a fresh encoder of the same config (baseline)")
     p.add_argument("--mean-patch", action="store_true", help="frozen features: CLS + mean patch token")
     p.add_argument("--raw-pixels", action="store_true", help="knn/linear/fewshot on normalised pixels, no encoder")
-    p.add_argument("--probe-steps", type=int, default=500, help="linear/fewshot: most L-BFGS iterations per fit")
-    p.add_argument("--shots", default="1,5,10,25", help="fewshot: K labelled images per class, comma-separated")
-    p.add_argument("--seeds", type=int, default=5, help="fewshot: draws per K")
-    p.add_argument("--fewshot-wd", type=float, default=1e-2, help="fewshot: L2 weight on the classifier")
-    # Fine-tuning defaults: MAE's recipe (He et al., arXiv 2111.06377, Table 9 and the authors'
-    # FINETUNE.md), itself DeiT's augmentation (Touvron et al., arXiv 2012.12877) with layer decay.
-    p.add_argument("--epochs", type=int, default=100, help="finetune: epochs (MAE, ViT-B: 100)")
-    p.add_argument("--batch-size", type=int, default=256, help="finetune: images per step")
-    p.add_argument("--lr", type=float, default=5e-4, help="finetune: base lr per 256 images; peak lr = "
-                   "lr x batch/256 (MAE's FINETUNE.md: blr 5e-4 for ViT-B, lr = blr x batch/256)")
-    p.add_argument("--min-lr", type=float, default=1e-6, help="finetune: lr at the end of the cosine (MAE)")
-    p.add_argument("--warmup-epochs", type=float, default=5, help="finetune: linear warm-up epochs (MAE)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="finetune: AdamW weight decay (MAE, DeiT)")
-    p.add_argument("--layer-decay", type=float, help="finetune: lr x decay^(depth from the top), 1 = off; None "
-                   "= 0.75 (iBOT's ViT-S/16 and MAE's ViT-L; MAE's ViT-B: 0.65), or 1 with --random-init")
-    p.add_argument("--drop-path", type=float, default=0.1, help="finetune: stochastic depth at the last block (MAE)")
-    p.add_argument("--crop-min", type=float, default=0.08, help="finetune: smallest area share of the random-resized "
-                   "crop (DeiT: 0.08)")
-    p.add_argument("--randaug-n", type=int, default=2, help="finetune: RandAugment ops per image; 0 = off "
-                   "(DeiT: rand-m9-mstd0.5-inc1)")
-    p.add_argument("--randaug-m", type=float, default=9, help="finetune: RandAugment magnitude, 0..10")
-    p.add_argument("--randaug-mstd", type=float, default=0.5, help="finetune: std of the RandAugment magnitude")
-    p.add_argument("--reprob", type=float, default=0.25, help="finetune: random erasing probability; 0 = off")
-    p.add_argument("--mixup", type=float, default=0.8, help="finetune: mixup Beta alpha; 0 = off")
-    p.add_argument("--cutmix", type=float, default=1.0, help="finetune: CutMix Beta alpha; 0 = off")
-    p.add_argument("--mixup-prob", type=float, default=1.0, help="finetune: probability that a batch is mixed")
-    p.add_argument("--mixup-switch-prob", type=float, default=0.5, help="finetune: probability of CutMix when "
-                   "both are on")
-    p.add_argument("--smoothing", type=float, default=0.1, help="finetune: label smoothing")
+    for flag, (kind, default, text, _) in FLAGS.items():
+        p.add_argument(flag, type=kind, default=default, help=text)
     return p
 
 
 def parse_args(argv):
     p = make_parser()
     args = p.parse_args(argv)
-    runtime.check_flags(p, args, FLAGS)
+    runtime.check_flags(p, args, {flag: rule for flag, (*_, rule) in FLAGS.items()})
     args.shots = [int(s) for s in args.shots.split(",")]
     if args.raw_pixels and args.mode == "finetune":
         p.error("--raw-pixels: a frozen-feature baseline (knn, linear, fewshot), not for --mode finetune")
@@ -467,7 +381,33 @@ def parse_args(argv):
     return args
 
 
-def print_table(r):
+def evaluate(args):
+    """Run one mode and return its results record (the JSON line): `epochs` there is the encoder's pretraining
+    epochs (0 with --random-init); fine-tuning's own count is `finetune_epochs`."""
+    start = time.time()
+    try:
+        device = runtime.pick_device(args.device)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+    backbone, info, epochs = encoder(args, device)
+    args.cfg, args.img_size = info["cfg"], info["cfg"].img_size
+    args.dataset = args.dataset or info["dataset"]
+    args.data_dir = args.data_dir or info["config"].get("data_dir", "./data")
+    train, test = load_labelled(args, True), load_labelled(args, False)
+    out = (run_finetune if args.mode == "finetune" else run_frozen)(args, backbone, train, test)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return dict(dict(mode=args.mode, dataset=args.dataset, epochs=epochs, seeds=[args.seed]), **out,
+                device=name, seconds=round(time.time() - start, 2), checkpoint=os.path.abspath(args.checkpoint),
+                random_init=args.random_init, raw_pixels=args.raw_pixels, limit=args.limit,
+                n_train=len(train), n_test=len(test))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        r = evaluate(args)
+    except (runtime.CheckpointError, data.DataError, EvalError) as e:
+        sys.exit(f"eval.py: error: {e}")
     source = ("raw pixels (no encoder)" if r["raw_pixels"] else "random init encoder" if r["random_init"]
               else f"pretrained encoder (epoch {r['epochs']})")
     print(f"\n{r['mode']} on {r['dataset']}, {source}, {r['device']}, {r['seconds']:.1f} s")
@@ -480,43 +420,10 @@ def print_table(r):
         print(f"(highest epoch {r['best_epoch_picked_on_test']:.2f}: picked on the test set, not a result)")
     else:
         print(f"top-1  {r['accuracy']:.2f}")
-
-
-def evaluate(args):
-    """Run one mode and return its results record (the JSON line).
-
-    `epochs` there is the encoder's pretraining epochs (0 with --random-init); fine-tuning's own
-    count is `finetune_epochs`.
-    """
-    start = time.time()
-    try:
-        device = runtime.pick_device(args.device)
-    except ValueError as err:
-        raise EvalError(str(err)) from None
-    backbone, info, epochs = encoder(args, device)
-    args.cfg, args.img_size = info["cfg"], info["cfg"].img_size
-    args.dataset = args.dataset or info["dataset"]
-    args.data_dir = args.data_dir or info["config"].get("data_dir", "./data")
-    train, test = load_labelled(args, True), load_labelled(args, False)
-    out = RUNS[args.mode](args, backbone, train, test)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return dict(dict(mode=args.mode, dataset=args.dataset, epochs=epochs, seeds=[args.seed]), **out,
-                device=name, seconds=round(time.time() - start, 2), checkpoint=os.path.abspath(args.checkpoint),
-                random_init=args.random_init, raw_pixels=args.raw_pixels, limit=args.limit,
-                n_train=len(train), n_test=len(test))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        record = evaluate(args)
-    except (runtime.CheckpointError, data.DataError, EvalError) as e:
-        sys.exit(f"eval.py: error: {e}")
-    print_table(record)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    return record
+        f.write(json.dumps(r) + "\n")
+    return r
 
 
 if __name__ == "__main__":

@@ -5,41 +5,25 @@
     python export.py runs/cifar10/ckpt.pt --student                # the student instead
     python export.py runs/cifar10/finetuned.pt                     # fine-tuned encoder + its head
 
-Writes, beside the checkpoint, `<name>.pth` (a dict of tensors, loadable with
-torch.load(weights_only=True)) and `<name>.json`: the architecture, the normalisation the encoder
-expects, and the Python lines that build a model and load the weights into it strictly. The
-encoder is the one eval.py evaluates: the momentum teacher's backbone (as in DINO and MoCo v3).
-Neither timm nor torchvision is imported here; the layouts are written out below.
-Shapes: D token width, N patches, P patch side, C channels, L depth, K classes.
+Writes `<name>.pth` (tensors, for torch.load(weights_only=True)) and `<name>.json` (architecture, normalisation, the
+Python lines that rebuild the model and load it strictly) beside the checkpoint. The encoder is the one eval.py
+evaluates: the momentum teacher's backbone (as in DINO and MoCo v3). Neither timm nor torchvision is imported; the
+layouts are written out below. Shapes: D token width, N patches, P patch side, C channels, L depth, K classes.
 """
 import argparse
 import json
 import os
 import re
 
-import torch
-
 import data
 import runtime
-
-FORMATS = ("timm", "torchvision")
 
 
 class ExportError(ValueError):
     """A request that cannot be met (wrong checkpoint kind, layout that cannot hold the encoder)."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Layouts: our names -> timm's / torchvision's names (same tensors, same shapes)
-# ------------------------------------------------------------------------------------------------
-
-def timm_name(name):
-    """timm's VisionTransformer names its parameters as sit.ViT does (cls_token, pos_embed,
-    patch_embed.proj, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm); the
-    classifier on the CLS token is `head`. With global_pool="token", fc_norm is not created."""
-    return name
-
-
+# === Layouts: our names -> timm's / torchvision's names (same tensors, same shapes)
 TORCHVISION_TOP = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding",
                    "patch_embed.proj.weight": "conv_proj.weight", "patch_embed.proj.bias": "conv_proj.bias",
                    "norm.weight": "encoder.ln.weight", "norm.bias": "encoder.ln.bias",
@@ -51,8 +35,7 @@ TORCHVISION_QKV = {"weight": "self_attention.in_proj_weight", "bias": "self_atte
 
 
 def torchvision_name(name):
-    """Our name -> torchvision.models.VisionTransformer's, e.g. blocks.3.mlp.fc1.weight ->
-    encoder.layers.encoder_layer_3.mlp.0.weight."""
+    """Our name -> torchvision's: blocks.3.mlp.fc1.weight -> encoder.layers.encoder_layer_3.mlp.0.weight."""
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
     if m is None:
         return TORCHVISION_TOP[name]
@@ -61,61 +44,46 @@ def torchvision_name(name):
     return f"encoder.layers.encoder_layer_{i}.{inner}"
 
 
-RENAME = dict(timm=timm_name, torchvision=torchvision_name)
-
-
 def convert(vit, head, fmt):
-    """State dict of `vit` (+ the classifier `head`) under `fmt`'s names: plain CPU tensors, unshared."""
+    """State dict of `vit` (+ the classifier `head`) under `fmt`'s names: plain CPU tensors, unshared. timm's names
+    are ours: its VisionTransformer has cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv, attn.proj,
+    norm2, mlp.fc1, mlp.fc2}, norm, the classifier on the CLS token `head` (global_pool="token": no fc_norm)."""
     ours = dict(vit.state_dict(), **{f"head.{k}": v for k, v in (head or {}).items()})
-    return {RENAME[fmt](k): v.detach().cpu().contiguous().clone() for k, v in ours.items()}
+    rename = torchvision_name if fmt == "torchvision" else str
+    return {rename(k): v.detach().cpu().contiguous().clone() for k, v in ours.items()}
 
+# === The architecture and the lines of Python that rebuild the model
 
-# ------------------------------------------------------------------------------------------------
-# The architecture and the lines of Python that rebuild the model
-# ------------------------------------------------------------------------------------------------
 
 def architecture(cfg, num_classes, dataset, fmt):
     """The facts a model built elsewhere needs: sizes, normalisation, format."""
     mean, std = data.stats(dataset)
-    return dict(format=fmt, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-                mlp_dim=int(cfg.dim * cfg.mlp_ratio), num_classes=num_classes, layer_norm_eps=1e-6,
-                mean=list(mean), std=list(std), dataset=dataset)
-
-
-def build_line(arch):
-    """One line of Python that builds an untrained model `model` whose state dict is the export's."""
-    a, K = arch, arch["num_classes"]
-    if arch["format"] == "timm":   # the preset only picks defaults; every size is given explicitly
-        preset = {192: "tiny", 384: "small", 768: "base"}.get(a["dim"], "small")
-        return (f'model = timm.create_model("vit_{preset}_patch16_224", pretrained=False, num_classes={K}, '
-                f'global_pool="token", img_size={a["img_size"]}, patch_size={a["patch_size"]}, '
-                f'in_chans={a["in_chans"]}, embed_dim={a["dim"]}, depth={a["depth"]}, '
-                f'num_heads={a["heads"]}, mlp_ratio={a["mlp_ratio"]})')
-    line = (f'model = torchvision.models.VisionTransformer(image_size={a["img_size"]}, '
-            f'patch_size={a["patch_size"]}, num_layers={a["depth"]}, num_heads={a["heads"]}, '
-            f'hidden_dim={a["dim"]}, mlp_dim={a["mlp_dim"]}' + (f", num_classes={K})" if K else ")"))
-    return line if K else line + "; model.heads = torch.nn.Identity()"   # CLS features, no classifier
+    return dict(format=fmt, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, dim=cfg.dim,
+                depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, mlp_dim=int(cfg.dim * cfg.mlp_ratio),
+                num_classes=num_classes, layer_norm_eps=1e-6, mean=list(mean), std=list(std), dataset=dataset)
 
 
 def python_lines(arch, weights):
-    """dict(imports, build, load, use): the lines that rebuild the model and load `weights` strictly."""
-    use = ("logits = model(x)  # (B, K)" if arch["num_classes"] else "features = model(x)  # (B, D) CLS token")
-    return dict(imports="import timm, torch" if arch["format"] == "timm" else "import torch, torchvision",
-                build=build_line(arch),
-                load=f"model.load_state_dict(torch.load({json.dumps(weights)}, weights_only=True), strict=True); model.eval()",
-                use=use + f" of x (B, {arch['in_chans']}, {arch['img_size']}, {arch['img_size']}) "
-                            f"normalised with mean, std")
+    """dict(imports, build, load, use): Python that builds an untrained `model` and loads `weights` into it strictly."""
+    a, K = arch, arch["num_classes"]
+    if a["format"] == "timm":   # the preset only picks defaults; every size is given explicitly
+        preset = {192: "tiny", 384: "small", 768: "base"}.get(a["dim"], "small")
+        build = (f'model = timm.create_model("vit_{preset}_patch16_224", pretrained=False, num_classes={K}, '
+                 f'global_pool="token", img_size={a["img_size"]}, patch_size={a["patch_size"]}, '
+                 f'in_chans={a["in_chans"]}, embed_dim={a["dim"]}, depth={a["depth"]}, num_heads={a["heads"]}, '
+                 f'mlp_ratio={a["mlp_ratio"]})')
+    else:   # without a classifier (K = 0): the CLS features
+        build = (f'model = torchvision.models.VisionTransformer(image_size={a["img_size"]}, '
+                 f'patch_size={a["patch_size"]}, num_layers={a["depth"]}, num_heads={a["heads"]}, '
+                 f'hidden_dim={a["dim"]}, mlp_dim={a["mlp_dim"]}'
+                 + (f", num_classes={K})" if K else "); model.heads = torch.nn.Identity()"))
+    use = "logits = model(x)  # (B, K)" if K else "features = model(x)  # (B, D) CLS token"
+    use += f" of x (B, {a['in_chans']}, {a['img_size']}, {a['img_size']}) normalised with mean, std"
+    load = f"model.load_state_dict(torch.load({json.dumps(weights)}, weights_only=True), strict=True); model.eval()"
+    return dict(imports="import timm, torch" if a["format"] == "timm" else "import torch, torchvision",
+                build=build, load=load, use=use)
 
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-
-def output_path(checkpoint, info, fmt):
-    """runs/x/ckpt.pt -> runs/x/ckpt-teacher-timm.pth; runs/x/finetuned.pt -> runs/x/finetuned-timm.pth."""
-    stem = os.path.splitext(checkpoint)[0]
-    return f"{stem}-{fmt}.pth" if info["encoder"] == "finetuned" else f"{stem}-{info['encoder']}-{fmt}.pth"
+# === Command line
 
 
 def export(checkpoint, fmt="timm", student=False, out=None):
@@ -126,21 +94,22 @@ def export(checkpoint, fmt="timm", student=False, out=None):
         raise ExportError(f"torchvision's VisionTransformer takes 3-channel images; this encoder has "
                           f"in_chans={cfg.in_chans} (use --format timm)")
     arch = architecture(cfg, 0 if head is None else len(head["bias"]), info["dataset"], fmt)
-    pth = out or output_path(checkpoint, info, fmt)
+    stem = os.path.splitext(checkpoint)[0]   # runs/x/ckpt.pt -> runs/x/ckpt-teacher-timm.pth, finetuned-timm.pth
+    pth = out or (f"{stem}-{fmt}.pth" if info["encoder"] == "finetuned" else f"{stem}-{info['encoder']}-{fmt}.pth")
     meta = os.path.splitext(pth)[0] + ".json"
     record = dict(arch, encoder=info["encoder"], epoch=info["epoch"], weights=os.path.basename(pth),
                   source=os.path.abspath(checkpoint), python=python_lines(arch, os.path.basename(pth)))
     runtime.atomic_save(convert(vit, head, fmt), pth)
-    runtime.atomic_write(meta, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    runtime.write_json(meta, record)
     return pth, meta, record
-
 
 
 def main(argv=None):
     p = runtime.Parser(prog="export.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py, or a finetuned.pt written by eval.py")
-    p.add_argument("--format", default="timm", choices=FORMATS, help="key layout of the exported state dict")
+    p.add_argument("--format", default="timm", choices=("timm", "torchvision"),
+                   help="key layout of the exported state dict")
     p.add_argument("--student", action="store_true", help="export the student's backbone, not the teacher's")
     p.add_argument("--out", help="path of the .pth (the .json goes beside it); None = beside the checkpoint")
     args = p.parse_args(argv)

@@ -1,12 +1,6 @@
-"""What the scripts need around the method: command lines and their checks, the run's options,
-the device, checkpoints, the log, signals, the ranks' agreement under torchrun, the time budget.
-
-Command lines: every value is checked where it is parsed against a rule, a (test, description)
-pair; a bad one is one line `SCRIPT: error: --flag VALUE: must be ...`, exit status 2, before
-anything is read or written. Checkpoints hold plain types only (configs, state dicts, step, epoch,
-every process's random stream), load with `torch.load(weights_only=True)`, are written atomically,
-and one loader (`load_checkpoint`, `load_encoder`) serves train, eval, visualize and export.
-"""
+"""What the scripts need around the method: command lines and their checks, the run's options, the device,
+checkpoints, the log, signals, the ranks' agreement under torchrun, the time budget. A bad command-line value is
+one line `SCRIPT: error: --flag VALUE: must be ...`, exit status 2, before anything is read or written."""
 import argparse
 import dataclasses
 import json
@@ -23,10 +17,7 @@ import torch.distributed as dist
 import data
 import sit
 
-# ------------------------------------------------------------------------------------------------
-# Rules and the one-line parser shared by the scripts
-# ------------------------------------------------------------------------------------------------
-
+# === Rules and the one-line parser shared by the scripts
 INT = "an integer"
 ANY = (lambda v: True, "anything")
 FOLDER = (lambda v: v != "", "a folder (not empty)")
@@ -72,10 +63,7 @@ def check_flags(parser, args, rules):
             parser.error(problem)
 
 
-# ------------------------------------------------------------------------------------------------
-# train.py's command line: the method's Config and the run's options, one flag per field
-# ------------------------------------------------------------------------------------------------
-
+# === train.py's command line: the method's Config and the run's options, one flag per field
 @dataclasses.dataclass
 class Run:
     """How and where a pretraining runs (sit.Config holds the method)."""
@@ -110,12 +98,9 @@ TRAIN_FLAGS = {  # field: (help, rule); every field of sit.Config and Run
     "proj_hidden": ("projection head hidden width", allowed(1, kind=INT)),
     "proj_dim": ("projection head output width (contrastive embedding)", allowed(1, kind=INT)),
     "drop_perc": ("p: share of each view corrupted ~ U(min(0.5, p), p), in [0, 1]", allowed(0, 1)),
-    "drop_replace": ("share replaced by another image of the batch, when that fill is drawn (p = 1/2)",
-                     allowed(0, 1)),
-    "drop_align": ("grid for block corners and sides in pixels; 0 = patch size (groups of tokens)",
-                   allowed(0, kind=INT)),
-    "drop_type": ("fill of corrupted blocks: noise (N(0,1), normalised) | zeros (mean colour)",
-                  one_of("noise", "zeros")),
+    "drop_replace": ("share replaced by another image of the batch, when that fill is drawn (p = 1/2)", allowed(0, 1)),
+    "drop_align": ("block corner/side grid in pixels; 0 = patch size (groups of tokens)", allowed(0, kind=INT)),
+    "drop_type": ("corrupted blocks' fill: noise (N(0,1), normalised) | zeros (mean colour)", one_of("noise", "zeros")),
     "max_block": ("largest block side as a share of the image side", allowed(0, 1, open_lo=True)),
     "alpha": ("alpha: weight of L_recons in L_total = alpha L_recons + L_contr", allowed(0)),
     "tau": ("tau: InfoNCE temperature", allowed(0, open_lo=True)),
@@ -128,33 +113,25 @@ TRAIN_FLAGS = {  # field: (help, rule); every field of sit.Config and Run
     "weight_decay_end": ("AdamW weight decay at the end", allowed(0)),
     "momentum_teacher": ("teacher EMA momentum at the start (cosine to 1)", allowed(0, 1)),
     "clip_grad": ("gradient-norm clipping threshold; 0 = off", allowed(0)),
-    "clip_mode": ("clip one norm over all gradients (global) or each parameter tensor's own (per-tensor, as the "
-                  "authors' code)", one_of("global", "per-tensor")),
-    "head_bn": ("projection heads' batch norm statistics: over both views at once (pair, one call on 2B, as the "
-                "authors' code) or per view (view)", one_of("pair", "view")),
+    "clip_mode": ("one norm (global) | a norm per tensor (per-tensor, authors' code)", one_of("global", "per-tensor")),
+    "head_bn": ("heads' BN: both views in one call (pair, authors' code) | per view (view)", one_of("pair", "view")),
     "dataset": ("dataset name, or a folder of images (see data.py)", data.DATASET_RULE),
     "data_dir": ("where datasets are downloaded / read", FOLDER),
     "limit": ("use only the first N training images; 0 = all", allowed(0, kind=INT)),
     "workers": ("DataLoader workers, only for datasets too large to hold on the device", allowed(0, kind=INT)),
-    "out": ("run folder; empty = runs/<dataset>", ((lambda v: not os.path.isfile(v)), "a folder (a file of that "
-                                                   "name exists)")),
+    "out": ("run folder; empty = runs/<dataset>",
+            ((lambda v: not os.path.isfile(v)), "a folder (a file of that name exists)")),
     "device": ("auto | cuda | mps | cpu (auto: cuda, then mps, then cpu)",
                ((lambda v: v.split(":")[0] in ("auto", "cuda", "mps", "cpu")), "auto, cuda, mps or cpu")),
     "compile": ("torch.compile the whole training step into one graph (default: on with CUDA, off elsewhere)", ANY),
     "cuda_graphs": ("with --compile on CUDA: replay the step as a CUDA graph (mode reduce-overhead)", ANY),
-    "resume": ("continue the run in --out from its ckpt.pt (--epochs and --time-budget may change its length)",
-               ANY),
-    "save_every": ("minutes between checkpoints within an epoch (besides each epoch end); 0 = epoch ends only",
-                   allowed(0)),
-    "time_budget": ("minutes of pretraining: the run fits its length to its measured speed and ends on time; "
-                    "0 = off", allowed(0)),
-    "knn_every": ("k-NN monitor every N epochs (also at step 0 and at the end); 0 = only the end",
-                  allowed(0, kind=INT)),
+    "resume": ("continue the run in --out from its ckpt.pt (--epochs and --time-budget may change its length)", ANY),
+    "save_every": ("minutes between checkpoints within an epoch (besides epoch ends); 0 = epoch ends only", allowed(0)),
+    "time_budget": ("minutes of pretraining: length fitted to the measured speed to end on time; 0 = off", allowed(0)),
+    "knn_every": ("k-NN monitor every N epochs (also at step 0 and the end); 0 = only the end", allowed(0, kind=INT)),
     "log_every": ("steps between progress-bar/log.jsonl updates", allowed(1, kind=INT)),
-    "bench": ("if > 0: time this many steps on synthetic data, print img/s (and MFU where the peak is known), exit",
-              allowed(0, kind=INT)),
-    "peak_tflops": ("accelerator peak TFLOP/s for --bench's MFU; 0 = known GPUs' bf16 dense peak, else no MFU",
-                    allowed(0)),
+    "bench": ("if > 0: time N steps on random images, print img/s (MFU if peak known), exit", allowed(0, kind=INT)),
+    "peak_tflops": ("peak TFLOP/s for --bench's MFU; 0 = known GPUs' bf16 dense peak, else no MFU", allowed(0)),
     "seed": ("random seed (data order, augmentation, corruption, init)", allowed(0, 2**32 - 1, kind=INT)),
 }
 
@@ -163,8 +140,9 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def train_parser():
-    p = Parser(prog="train.py", description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).")
+def parse_train_args(argv=None):
+    """(sit.Config, Run, the flags given on the command line); every value checked (ValueError)."""
+    p = Parser(prog="train.py", description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).", allow_abbrev=False)
     for f in dataclasses.fields(sit.Config) + dataclasses.fields(Run):
         text = TRAIN_FLAGS[f.name][0]
         if f.type in (bool, "bool"):
@@ -172,12 +150,6 @@ def train_parser():
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(flag(f.name), type=typ, default=f.default, help=f"{text} (default: {f.default})")
-    return p
-
-
-def parse_train_args(argv=None):
-    """(sit.Config, Run, the flags given on the command line); every value checked (ValueError)."""
-    p = train_parser()
     args = p.parse_args(argv)                                       # a value of the wrong type: exit 2
     for name, (_, rule) in TRAIN_FLAGS.items():
         problem = bad_value(flag(name), getattr(args, name), rule)
@@ -199,8 +171,7 @@ RESUME_HONOURS = {"out", "device", "compile", "cuda_graphs", "resume", "save_eve
 
 
 def resumed_config(saved, cfg, run, given):
-    """(cfg, run) to resume with: the checkpoint's `saved` config dict, with the flags `given` that may
-    change (RESUME_HONOURS); a flag given with another value than the run's is refused (ValueError)."""
+    """(cfg, run) resumed: `saved` config with the `given` flags in RESUME_HONOURS; others must match (ValueError)."""
     for name in sorted(given - RESUME_HONOURS):
         now = getattr(cfg, name, getattr(run, name, None))
         if name in saved and saved[name] != now:
@@ -213,10 +184,7 @@ def resumed_config(saved, cfg, run, given):
     return sit.Config.from_dict(merged), Run(**{f.name: merged[f.name] for f in dataclasses.fields(Run)})
 
 
-# ------------------------------------------------------------------------------------------------
-# Device and processes
-# ------------------------------------------------------------------------------------------------
-
+# === Device and processes
 def pick_device(name="auto", index=0):
     """--device: auto picks cuda, then mps, then cpu; a named device must be available here."""
     has = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
@@ -264,17 +232,13 @@ def agree(values, world, device, op="max"):
     return t.tolist()
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoints: plain types only, written atomically; one loader for train, eval, visualize, export
-# ------------------------------------------------------------------------------------------------
-
+# === Checkpoints: plain types only, written atomically; one loader for train, eval, visualize, export
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or not one of ours (message fits on one line)."""
 
 
 def atomic_write(path, write):
-    """Call write(f) on a binary temp file beside `path` (.NAME.*.tmp), fsync, rename it to `path`:
-    the file appears whole or not at all, and a failed write leaves the old one as it was."""
+    """write(f) to a binary temp file beside `path` (.NAME.*.tmp), fsync, rename; a failed write keeps the old file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -291,8 +255,7 @@ def atomic_write(path, write):
 
 
 def atomic_save(state, path):
-    """torch.save `state` to `path` with `atomic_write`. torch's zip writer reports a full disk as a
-    RuntimeError; it is raised as the OSError it is."""
+    """torch.save `state` to `path` with `atomic_write`; a full disk (torch's RuntimeError) is raised as OSError."""
     try:
         atomic_write(path, lambda f: torch.save(state, f))
     except RuntimeError as e:
@@ -304,8 +267,8 @@ def write_json(path, obj):
 
 
 def save_checkpoint(path, cfg, model, optimizer=None, step=0, epoch=0, extra=None, run=None):
-    """Write both configs, student, teacher, optimizer state (torch.optim's layout), step, epoch and
-    `extra` (plain data) to `path`; `model` is the plain SiT module, so keys carry no prefixes."""
+    """Write both configs, student, teacher, optimizer state (torch.optim's layout), step, epoch and `extra` (plain
+    data: every process's random stream) to `path`; `model` is the plain SiT module, so keys carry no prefixes."""
     config = {**dataclasses.asdict(cfg), **dataclasses.asdict(run or Run())}
     state = dict(format="sit-checkpoint-v1", config=config, torch_version=str(torch.__version__),
                  student=model.student.state_dict(), teacher=model.teacher.state_dict(), optimizer=optimizer,
@@ -314,8 +277,7 @@ def save_checkpoint(path, cfg, model, optimizer=None, step=0, epoch=0, extra=Non
 
 
 def save_checkpoint_or_exit(path, *args):
-    """save_checkpoint, or, where the write fails (disk full, no permission), SystemExit with one line
-    naming the folder and the space a checkpoint takes; the previous checkpoint stays whole."""
+    """save_checkpoint, or on a failed write SystemExit, one line naming the folder and space needed (old one kept)."""
     try:
         save_checkpoint(path, *args)
     except OSError as e:
@@ -326,7 +288,7 @@ def save_checkpoint_or_exit(path, *args):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(sit.Config, SiT model, raw checkpoint dict) from `path` alone; loads strictly."""
+    """(sit.Config, SiT model, raw checkpoint dict) from `path` alone, loaded strictly with weights_only=True."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -347,15 +309,13 @@ def load_checkpoint(path, device="cpu"):
 
 
 def load_encoder(path, student=False, device="cpu", drop_path=0.0):
-    """(ViT, head {weight (K, D), bias (K,)} or None, info) from a checkpoint of ours: the momentum
-    teacher's backbone (as DINO and MoCo v3 evaluate; `student` for the student's), or the encoder
-    and classifier of eval.py's finetuned.pt. info: cfg, encoder (teacher | student | finetuned),
-    dataset (whose normalisation the encoder expects), epoch. Raises CheckpointError, one line."""
+    """(ViT, head {weight (K, D), bias (K,)} or None, info) from our checkpoint: the momentum teacher's backbone (as
+    DINO and MoCo v3 evaluate; `student`: the student's) or eval.py's finetuned.pt encoder and head. info: cfg, config,
+    encoder (teacher | student | finetuned), dataset (whose normalisation it expects), epoch. Else CheckpointError."""
     try:
         cfg, model, ckpt = load_checkpoint(path)
-        state, head, encoder = getattr(model, "student" if student else "teacher").backbone.state_dict(), None, \
-            "student" if student else "teacher"
-        dataset = ckpt["config"].get("dataset", "")
+        encoder = "student" if student else "teacher"
+        state, head, dataset = getattr(model, encoder).backbone.state_dict(), None, ckpt["config"].get("dataset", "")
     except CheckpointError as err:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -377,10 +337,7 @@ def load_encoder(path, student=False, device="cpu", drop_path=0.0):
     return vit.to(device).eval(), head, info
 
 
-# ------------------------------------------------------------------------------------------------
-# The run folder: log.jsonl, left-over temp files, and what a signal asks for
-# ------------------------------------------------------------------------------------------------
-
+# === The run folder: log.jsonl, left-over temp files, and what a signal asks for
 def row_of(line):
     """The JSON object on one line of log.jsonl, or None for a line cut short by a kill."""
     try:
@@ -391,8 +348,7 @@ def row_of(line):
 
 
 class Log:
-    """log.jsonl in the run folder: one JSON object per log step, epoch, k-NN and budget (rank 0 only).
-    Resuming drops the lines of steps the run will do again (a fresh start: all of them)."""
+    """log.jsonl, rank 0 only, a JSON object a line; opening drops the lines of steps to redo (a fresh start: all)."""
 
     def __init__(self, path, enabled, keep_until_step=-1):
         self.path, self.enabled = path, enabled
@@ -409,20 +365,15 @@ class Log:
 
 
 def remove_partial_saves(folder):
-    """Delete the temp files of checkpoint writes that a kill cut short (atomic_write's
-    .ckpt.pt.*.tmp, each as large as a checkpoint), so that preemptions do not fill the disk."""
+    """Delete the .ckpt.pt.*.tmp files of checkpoint writes a kill cut short, lest preemptions fill the disk."""
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
         if name.startswith(".ckpt.pt.") and name.endswith(".tmp"):
             os.remove(os.path.join(folder, name))
 
 
 class StopFlag:
-    """Within `with StopFlag() as stop:`, SIGINT/SIGTERM set stop.signal; a second one stops at once.
-
-    A repeat within `repeat_s` of the first is the same request delivered twice, not a second one:
-    under torchrun a terminal's Ctrl-C (or SLURM's SIGTERM) reaches each worker directly and again
-    through the launcher, which forwards it.
-    """
+    """Within `with StopFlag() as stop:`, SIGINT/SIGTERM set stop.signal; a second one stops at once, but a repeat
+    within `repeat_s` is the same one (torchrun delivers Ctrl-C or SLURM's SIGTERM directly and via the launcher)."""
     repeat_s = 1.0
 
     def __init__(self):
@@ -443,14 +394,10 @@ class StopFlag:
             raise KeyboardInterrupt
 
 
-# ------------------------------------------------------------------------------------------------
-# --time-budget: how many steps the budget buys, from the measured speed
-# ------------------------------------------------------------------------------------------------
-
+# === --time-budget: how many steps the budget buys, from the measured speed
 class Budget:
-    """Measures the step time once compiled (over >= 10 steps and >= 5 s, or 5% of the budget), then
-    says how many steps fit in what is left of `minutes`. Time in the k-NN monitor is not counted
-    (`paused` adds to it)."""
+    """Measures the step time once compiled (over >= 10 steps and >= 5 s, or 5% of the budget), then says how many
+    steps fit in what is left of `minutes`. Time in the k-NN monitor is not counted (`paused` adds to it)."""
 
     def __init__(self, minutes):
         self.minutes, self.started, self.paused, self.mark = minutes, time.time(), 0.0, None
@@ -471,10 +418,7 @@ class Budget:
         return int((60 * self.minutes - self.elapsed()) / step_s), step_s
 
 
-# ------------------------------------------------------------------------------------------------
-# Benchmark: the training loop's own step on random images
-# ------------------------------------------------------------------------------------------------
-
+# === Benchmark: the training loop's own step on random images
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}  # bf16
 
 
@@ -510,10 +454,8 @@ def bench(steps, run_step, flops, batch_size, device, label, compiled, given_pea
     name = torch.cuda.get_device_name(device) if cuda else device.type
     tflops, peak = flops / step_s / 1e12, peak_tflops(device, given_peak)
     mfu = f"MFU {100 * tflops / peak:.3g}% of {peak:g}" if peak else "MFU not known (no --peak-tflops)"
-    line = (f"bench {label} batch {batch_size} {'compiled' if compiled else 'eager'} on {name}: "
-            f"{batch_size / step_s:,.0f} img/s, {step_s * 1e3:.1f} ms/step, {tflops:.3g} TFLOP/s, {mfu}; "
-            f"host {host / steps * 1e3:.2f} ms/step, device {device_ms}, "
-            f"{graph_count()} compiled graph(s), "
-            f"warm-up{' and compilation' if compiled else ''} {warm_s:.1f} s")
-    print(line)
+    print(f"bench {label} batch {batch_size} {'compiled' if compiled else 'eager'} on {name}: "
+          f"{batch_size / step_s:,.0f} img/s, {step_s * 1e3:.1f} ms/step, {tflops:.3g} TFLOP/s, {mfu}; "
+          f"host {host / steps * 1e3:.2f} ms/step, device {device_ms}, {graph_count()} compiled graph(s), "
+          f"warm-up{' and compilation' if compiled else ''} {warm_s:.1f} s")
     return dict(img_s=batch_size / step_s, ms_step=step_s * 1e3, tflops=tflops)

@@ -416,6 +416,9 @@ def test_checkpoint_round_trip(tmp_path):
     assert cfg2 == cfg
     opt2 = torch.optim.AdamW(model2.student.parameters(), lr=1e-3)
     opt2.load_state_dict(ckpt["optimizer"])
+    for p, p2 in zip(model.student.parameters(), model2.student.parameters()):   # the same moments and step
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], opt2.state[p2][key]), key
     views = two_views(cfg, seed=1)
     model.eval(), model2.eval()
     with torch.no_grad():
@@ -590,3 +593,209 @@ def test_teacher_sees_the_clean_views_and_gets_no_gradient():
     out["loss"].backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert all(p.grad is not None for p in model.student.backbone.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# Found by mutation testing (mutmut over sit.py, setup.cfg [mutmut]): promises no test above pinned
+# ------------------------------------------------------------------------------------------------
+
+def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones():
+    """drop_path draws one uniform per sample, keeps the samples with u >= rate, divides them by
+    1 - rate; at rate 0 or in eval mode it is the identity and draws nothing."""
+    x = torch.randn(4, 3, 5, generator=gen(0))
+    u = torch.tensor([0.1, 0.3, 0.29, 0.9])                          # rate 0.3: keep samples 1 and 3
+    with rng.source(u):
+        out = sit.drop_path(x, 0.3, True)
+    keep = torch.tensor([0.0, 1.0, 0.0, 1.0]).view(4, 1, 1)
+    torch.testing.assert_close(out, x * keep / 0.7)
+    for rate, training in ((0.0, True), (0.3, False), (0.0, False)):
+        assert rng.count(lambda: sit.drop_path(x, rate, training)) == 0
+        assert torch.equal(sit.drop_path(x, rate, training), x)
+
+
+def test_block_applies_drop_path_to_both_residual_branches():
+    """Block in train mode: x1 = x + keep1 attn(norm1(x)) / (1 - r), out = x1 + keep2 mlp(norm2(x1)) / (1 - r),
+    one draw per sample for each branch in that order; in eval mode both branches are kept whole."""
+    block = sit.Block(8, 2, drop_path=0.5).train()
+    x = torch.randn(4, 5, 8, generator=gen(1))
+    u = torch.tensor([0.7, 0.2, 0.4, 0.9, 0.1, 0.6, 0.8, 0.3])       # attn keeps 0, 3; mlp keeps 1, 2
+    with torch.no_grad():
+        with rng.source(u):
+            out = block(x)
+        k1 = torch.tensor([1.0, 0, 0, 1]).view(4, 1, 1)
+        k2 = torch.tensor([0.0, 1, 1, 0]).view(4, 1, 1)
+        x1 = x + block.attn(block.norm1(x)) * k1 / 0.5
+        torch.testing.assert_close(out, x1 + block.mlp(block.norm2(x1)) * k2 / 0.5)
+        block.eval()
+        x1 = x + block.attn(block.norm1(x))
+        torch.testing.assert_close(block(x), x1 + block.mlp(block.norm2(x1)))
+
+
+def test_drop_path_rates_linear_in_depth_and_none_in_the_teacher():
+    """The student's blocks drop with rates 0, r/(depth-1), ..., r (the last block r); the teacher's
+    copies drop nothing."""
+    cfg = tiny_cfg(depth=3, drop_path=0.1)
+    model = sit.SiT(cfg)
+    assert [b.drop_path for b in model.student.backbone.blocks] == pytest.approx([0.0, 0.05, 0.1])
+    assert [b.drop_path for b in model.teacher.backbone.blocks] == [0.0, 0.0, 0.0]
+    assert [b.drop_path for b in sit.ViT(16, 4, 3, 8, 1, 2, drop_path=0.2).blocks] == [0.0]
+
+
+def test_sit_forward_returns_the_mask_it_was_given():
+    """SiT.forward hands back the mask with the losses and reconstruction (visualize and train read it)."""
+    cfg = tiny_cfg(drop_path=0.0)
+    model = sit.SiT(cfg).eval()
+    clean, corrupted, mask = two_views(cfg)
+    with torch.no_grad():
+        out = model(clean, corrupted, mask)
+    assert out["mask"] is mask
+    assert set(out) == {"loss", "loss_recons", "loss_contr", "recon", "mask"}
+
+
+def test_recon_loss_of_one_corrupted_pixel_in_one_channel():
+    """With one channel and one corrupted pixel the loss is that pixel's |recon - clean| (divided by
+    a count of 1); with no corrupted pixel it is 0."""
+    clean, recon = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+    recon[1, 0, 2, 3] = 0.75
+    recon[0, 0, 0, 0] = 5.0                                          # outside the mask
+    mask = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    assert sit.recon_loss(recon, clean, mask) == 0
+    mask[1, 0, 2, 3] = True
+    assert sit.recon_loss(recon, clean, mask).item() == 0.75
+
+
+def test_contrastive_loss_over_all_ranks_keys_with_positives_at_this_ranks_offset(monkeypatch):
+    """With 2 processes (a stand-in for torch.distributed), rank 1's queries meet the keys of both
+    ranks (rank 0's first) and its positives are its own keys, at offset B: written out here."""
+    B, Dp, tau = 3, 5, 0.2
+    q, k, k0 = (torch.randn(B, Dp, generator=gen(s)) for s in (1, 2, 3))
+    k0 = k0 / k0.norm(dim=1, keepdim=True)                           # rank 0 sends its normalised keys
+
+    class TwoRanks:
+        @staticmethod
+        def is_available():
+            return True
+
+        @staticmethod
+        def is_initialized():
+            return True
+
+        @staticmethod
+        def get_world_size():
+            return 2
+
+        @staticmethod
+        def get_rank():
+            return 1
+
+        @staticmethod
+        def all_gather(out, t):
+            out[0].copy_(k0)
+            out[1].copy_(t)
+
+    monkeypatch.setattr(sit, "dist", TwoRanks)
+    got = sit.contrastive_loss(q, k, tau)
+    qn = q / q.norm(dim=1, keepdim=True)
+    keys = torch.cat([k0, k])
+    logits = qn @ (keys / keys.norm(dim=1, keepdim=True)).t() / tau  # (B, 2B)
+    expected = -(logits[torch.arange(B), B + torch.arange(B)] - logits.exp().sum(1).log()).mean() * 2 * tau
+    torch.testing.assert_close(got, expected)
+
+
+def test_cosine_and_lr_edge_cases():
+    """A one-step cosine ends at its end value at step 1; with no warm-up the lr starts at the peak
+    (no division by a zero warm-up)."""
+    assert sit.cosine(0.5, 0.1, 1, 1) == pytest.approx(0.1)
+    assert sit.cosine(0.5, 0.1, 0, 1) == pytest.approx(0.5)
+    cfg = sit.Config(lr=5e-4, batch_size=512, min_lr=1e-6, epochs=4, warmup_epochs=0)
+    assert sit.lr_at(0, cfg, 5) == pytest.approx(1e-3)
+    assert sit.lr_at(20, cfg, 5) == pytest.approx(1e-6)
+
+
+def test_sit_corrupt_corrupts_each_view_on_its_own_with_the_configs_gmml():
+    """SiT.corrupt = gmml_corrupt on view 1 then on view 2 with the config's drop_perc, drop_replace,
+    drop_align, drop_type and max_block, drawn in that order; a replaced block comes from another
+    image of the same view, never from the other view."""
+    cfg = tiny_cfg(drop_perc=0.6, drop_replace=0.5, drop_align=2, drop_type="zeros", max_block=0.5)
+    model = sit.SiT(cfg)
+    B, H = 3, 16
+    pix = torch.arange(3 * H * H, dtype=torch.float32).view(1, 3, H, H)
+    clean = 1000 * (torch.arange(2 * B, dtype=torch.float32).view(2 * B, 1, 1, 1) + 1) + pix
+    n_replaced = 0
+    for seed in range(6):
+        with rng.source(gen(seed)):
+            corrupted, mask = model.corrupt(clean)
+        with rng.source(gen(seed)):
+            v1 = sit.gmml_corrupt(clean[:B], 0.6, 0.5, 2, "zeros", 0.5)
+            v2 = sit.gmml_corrupt(clean[B:], 0.6, 0.5, 2, "zeros", 0.5)
+        assert torch.equal(corrupted, torch.cat([v1[0], v2[0]])) and torch.equal(mask, torch.cat([v1[1], v2[1]]))
+        share = mask.float().mean((1, 2, 3))
+        assert (share >= 0.5 - 1e-6).all() and (share <= 0.6 + (2 * 4) ** 2 / H ** 2 + 1e-6).all()
+        for b in range(2 * B):
+            vals = corrupted[b][mask[b].expand(3, H, H)]
+            if (vals == 0).all():
+                continue
+            src = (vals - pix[0][mask[b].expand(3, H, H)]) / 1000 - 1
+            assert (src == src[0]).all() and src[0] != b and (src[0] < B) == (b < B)
+            n_replaced += 1
+    assert n_replaced > 0
+    noisy = sit.SiT(tiny_cfg())                                      # drop_type "noise", the default
+    with rng.source(gen(0)):
+        corrupted, mask = noisy.corrupt(clean)
+    with rng.source(gen(0)):
+        v1, v2 = (sit.gmml_corrupt(v, 0.5, 0.3, 4, "noise", 0.3) for v in clean.chunk(2))
+    assert torch.equal(corrupted, torch.cat([v1[0], v2[0]])) and (corrupted[mask.expand_as(clean)] != 0).all()
+
+
+
+def test_position_embedding_interpolation_uses_half_pixel_centres():
+    """Resizing the 4 x 4 grid to 8 x 8 samples the old grid at (i + 0.5) / 2 - 0.5 (align_corners
+    False, as DINO), bicubic with torch's kernel (a = -0.75), written out: on positions that grow by
+    1 per row, output rows 3 and 4 read rows 0..3 at 1.25 and 1.75."""
+    def w(x, a=-0.75):                                               # cubic convolution kernel
+        x = abs(x)
+        return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1 if x <= 1 else a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a
+    expected = [sum(w(s - j) * j for j in range(4)) for s in (1.25, 1.75)]
+    vit = sit.ViT(16, 4, 3, 8, 1, 2)
+    with torch.no_grad():
+        vit.pos_embed[:, 1:] = torch.arange(4.0).repeat_interleave(4).view(1, 16, 1)
+        grid = vit.pos_embed_for(8, 8)[0, 1:, 0].view(8, 8)
+    torch.testing.assert_close(grid[3:5, 2], torch.tensor(expected))
+
+
+def test_gmml_corrupt_defaults_written_out_from_an_explicit_stream():
+    """gmml_corrupt with its defaults (drop_perc 0.5, drop_replace 0.3, align 4, noise, max_block 0.3) on
+    8 x 8 images, fed a stream of chosen uniforms: per image (u0, u1, u2), then K = 8 blocks x 4, then
+    the noise. u0 < 0.5 replaces from image (b + 1 + min(int(u2 (B - 1)), B - 2)) mod B, else N(0, 1)
+    noise (sqrt(2) erfinv(2u - 1)); both shares (0.3, 0.5) take 2 of the 4 cells: blocks (0, 0), (1, 1).
+    A single image is never replaced; with B = 2 the source is the other image even at u2 = 1."""
+    cases = {3: ([[0.2, 0.9, 0.6], [0.5, 0.1, 0.3], [0.4, 0.5, 0.4]], [2, None, 0]),
+             2: ([[0.1, 0.5, 1.0], [0.2, 0.5, 1.0]], [1, 0]),
+             1: ([[0.1, 0.5, 0.5]], [None])}
+    block = [[0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 0.9, 0.9]] + [[0.5, 0.5, 0.1, 0.1]] * 6  # K = 8
+    m = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    m[..., :4, :4] = m[..., 4:, 4:] = True
+    for B, (u, src) in cases.items():
+        x = torch.randn(B, 3, 8, 8, generator=gen(B)) + 5
+        nu = torch.rand(B * 3 * 64, generator=gen(10 + B))
+        noise = math.sqrt(2) * torch.erfinv((2 * nu - 1).clamp(-1 + 1e-6, 1 - 1e-6)).view(B, 3, 8, 8)
+        stream = torch.cat([torch.tensor(u).flatten(), torch.tensor(block * B).flatten(), nu])
+        with rng.source(stream):
+            out, mask = sit.gmml_corrupt(x)
+        assert torch.equal(mask, m.expand(B, 1, 8, 8))
+        for b, s in enumerate(src):
+            fill = noise[b] if s is None else x[s]
+            torch.testing.assert_close(out[b], torch.where(m[0], fill, x[b]))
+
+
+def test_gmml_draw_count_and_share_spread():
+    """The number of uniforms drawn is B x 3 + B x K x 4 (no noise for zeros), K from max_block and
+    max(drop_perc, drop_replace), written out: 16 x 16, align 4, max_block 0.5 -> 2 x 2 cell blocks
+    of mean area 9/64, K = 2 ceil(log 0.5 / log(55/64)) = 10. Shares spread over U(0.5, p): at p 0.9
+    the mean corrupted share is well above 0.5."""
+    x = torch.randn(4, 3, 16, 16, generator=gen(0))
+    K = 2 * math.ceil(math.log(0.5) / math.log(1 - 9 / 64))
+    assert K == 10
+    assert rng.count(sit.gmml_corrupt, x, 0.5, 0.3, 4, "zeros", 0.5) == 4 * 3 + 4 * K * 4
+    _, mask = corrupt(torch.randn(64, 3, 32, 32, generator=gen(1)), 0.9, 0.9, align=1, g=gen(2))
+    assert mask.float().mean() > 0.62

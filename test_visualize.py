@@ -267,3 +267,29 @@ def test_pictures_use_the_teacher_for_attention_and_the_student_for_reconstructi
     assert torch.equal(seen["attn"].pos_embed, model.teacher.backbone.pos_embed)
     assert not torch.equal(seen["attn"].pos_embed, model.student.backbone.pos_embed)
     assert torch.equal(seen["recon"].student.backbone.pos_embed, model.student.backbone.pos_embed)
+
+
+def test_each_panel_shows_its_row_and_image(tiny):
+    """The reconstruction figure puts rows original, corrupted, reconstruction, pasted top to bottom,
+    image b in column b, each shown in true colours (denormalised, clipped to [0, 1]); the attention
+    figure shows each image, then the mean of the heads, then each head's map scaled to 0..1."""
+    cfg, model = tiny
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    rows = visualize.reconstruction_rows(model, cfg, x, torch.Generator().manual_seed(0))
+    mean, std = data.STATS["synthetic"]
+    fig = visualize.reconstruction_figure(rows, mean, std, "title")
+    axes = sorted(fig.axes, key=lambda ax: (-round(ax.get_position().y0, 6), ax.get_position().x0))  # reading order
+    for i, key in enumerate(["original", "corrupted", "reconstruction", "pasted"]):
+        expected = (rows[key] * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+        for b in range(3):
+            shown = np.asarray(axes[i * 3 + b].images[0].get_array())
+            np.testing.assert_allclose(shown, expected[b].permute(1, 2, 0).numpy(), atol=1e-6)
+    maps = visualize.attention_maps(model.teacher.backbone, x)
+    fig = visualize.attention_figure(x, maps, mean, std, "title")
+    axes = sorted(fig.axes, key=lambda ax: (-round(ax.get_position().y0, 6), ax.get_position().x0))
+    assert len(axes) == 3 * (2 + cfg.heads)
+    for r, layer in enumerate([maps.mean(1)] + [maps[:, h] for h in range(cfg.heads)]):
+        for b in range(3):
+            a = layer[b] - layer[b].min()
+            overlay = np.asarray(axes[(r + 1) * 3 + b].images[1].get_array())
+            np.testing.assert_allclose(overlay, (a / a.max()).numpy(), atol=1e-6)

@@ -5,11 +5,10 @@
     python train.py --bench 50                              # throughput of the training step
     python train.py --dataset fashion-mnist --time-budget 6 --epochs 1000   # the best 6 minutes buy
 
-`train_step`, first below, is one whole step as one plain function of device tensors. The loop
-(`train`) compiles it as it is (with CUDA by default: one graph, replayed as a CUDA graph; a torch
-too old to trace autograd.grad compiles it in pieces, and says so) and keeps the run safe:
-checkpoints at every epoch end, every --save-every minutes and when interrupted (Ctrl-C, SIGTERM,
-on any rank), so that --resume loses nothing it could keep. The machinery is in runtime.py.
+`train_step`, first below, is one whole step as one plain function of device tensors; the flat loop
+(`train`) compiles it as it is (by default with CUDA: one graph, replayed as a CUDA graph) and saves
+ckpt.pt at every epoch end, every --save-every minutes and on Ctrl-C or SIGTERM (any rank), so that
+--resume loses nothing it could keep. The machinery around it is in runtime.py.
 """
 import math
 import os
@@ -54,9 +53,7 @@ def train_step(model, opt, x, mean, std):
     opt.sums += torch.cat([torch.where(ok, losses, 0.0), (~ok).float().view(1), bad_loss.float().view(1)])
 
 
-# ------------------------------------------------------------------------------------------------
-# The step's parts: AdamW and its state, clipping, the data-parallel all-reduce
-# ------------------------------------------------------------------------------------------------
+# === The step's parts: AdamW and its state, clipping, the data-parallel all-reduce
 
 class AdamW:
     """The step's state on the device: AdamW's moments and updates done t, steps done (the schedule's
@@ -74,12 +71,6 @@ class AdamW:
         self.t, self.step = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
         self.schedule, self.sums = schedule.to(device), torch.zeros(5, device=device)
 
-    def set_schedule(self, table):
-        """Written into the same tensor (nothing recompiles); steps past its end keep its last column."""
-        T = min(table.shape[1], self.schedule.shape[1])
-        self.schedule[:, :T] = table[:, :T].to(self.schedule.device)
-        self.schedule[:, T:] = table[:, T - 1:T].to(self.schedule.device)
-
     def read(self, reset=True):
         """(loss, recons, contr) summed, steps skipped, steps with a non-finite loss since the last read
         (a host sync); resets them."""
@@ -91,9 +82,11 @@ class AdamW:
     def state_dict(self):
         state = {i: dict(step=self.t.float().cpu(), exp_avg=m, exp_avg_sq=v)
                  for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq))}
-        groups = [dict(params=list(range(len(self.decay))), weight_decay=-1.0),
+        lr, wd, _ = self.schedule[:, min(int(self.step), self.schedule.shape[1] - 1)].tolist()   # as of now
+        groups = [dict(params=list(range(len(self.decay))), weight_decay=wd),
                   dict(params=list(range(len(self.decay), len(self.params))), weight_decay=0.0)]
-        return dict(state=state, param_groups=[dict(g, betas=(0.9, 0.999), eps=1e-8, amsgrad=False) for g in groups])
+        return dict(state=state, param_groups=[dict(g, lr=lr, betas=(0.9, 0.999), eps=1e-8, amsgrad=False)
+                                               for g in groups])
 
     def load_state_dict(self, sd, step):
         if len(sd["state"]) != len(self.params):
@@ -150,21 +143,18 @@ def all_reduce_mean_(tensors):
         t.copy_(f.view_as(t))
 
 
-# ------------------------------------------------------------------------------------------------
-# Around the step: its random numbers, compiling it, its schedules
-# ------------------------------------------------------------------------------------------------
+# === Around the step: its random numbers, compiling it, its schedules
 
 def uniforms_per_step(cfg, x_shape):
     """How many numbers one step draws: its random parts run once, counting, on the meta device."""
     with torch.device("meta"):
-        model, x = sit.SiT(cfg), torch.zeros(x_shape, dtype=torch.uint8)
-        views = lambda: model.corrupt(data.two_views(x, cfg.img_size, *data.stats("")))[0]  # noqa: E731
-        return rng.count(lambda: model.student.backbone(views()))
+        model, x, stats = sit.SiT(cfg), torch.zeros(x_shape, dtype=torch.uint8), data.stats("")
+        return rng.count(lambda: model.student.backbone(model.corrupt(data.two_views(x, cfg.img_size, *stats))[0]))
 
 
-def stepper(model, opt, u, generator, mean, std, compile_=False, cuda_graphs=False, backend="inductor"):
+def stepper(model, opt, u, generator, mean, std, compile_=False, cuda_graphs=False, backend="inductor", say=False):
     """run(x): draw the step's numbers into u from `generator`, then train_step, compiled or not.
-    run.compile_seconds: how long the first compiled step took (None until then)."""
+    run.compile_seconds: how long the first compiled step took (None until then; said if `say`)."""
     fn, options = train_step, dict(backend=backend)
     if compile_:
         if hasattr(torch._dynamo.config, "trace_autograd_ops"):
@@ -176,10 +166,9 @@ def stepper(model, opt, u, generator, mean, std, compile_=False, cuda_graphs=Fal
         fn = torch.compile(train_step, fullgraph=opt.world == 1, **options)
 
     def run(x):
-        u = run.u
-        u.uniform_(generator=generator)
+        run.u.uniform_(generator=generator)
         t0 = time.perf_counter()
-        with rng.source(u):
+        with rng.source(run.u):
             if not compile_ or run.compile_seconds is not None:
                 return run.fn(model, opt, x, mean, std)
             try:
@@ -192,6 +181,8 @@ def stepper(model, opt, u, generator, mean, std, compile_=False, cuda_graphs=Fal
                 run.fn(model, opt, x, mean, std)
         runtime.sync(x.device)
         run.compile_seconds = time.perf_counter() - t0
+        if say:
+            tqdm.write(f"compiled the training step in {run.compile_seconds:.1f} s ({runtime.graph_count()} graph(s))")
     run.fn, run.u, run.compile_seconds = fn, u, None
     return run
 
@@ -212,21 +203,19 @@ def schedule_for(cfg, spe, total, old_total=None, step=0):
     return new
 
 
-# ------------------------------------------------------------------------------------------------
-# The run: set-up, then a flat loop over steps
-# ------------------------------------------------------------------------------------------------
+# === The run: set-up, then a flat loop over steps
 
 def configure(argv):
-    """(cfg, run, given): the checked command line, the run folder checked, --resume's recipe."""
+    """(cfg, run, given, checkpoint to resume or None): the checked command line and run folder."""
     cfg, run, given = runtime.parse_train_args(argv)
+    ckpt, resumed = os.path.join(run.out, "ckpt.pt"), None
     if run.bench:
-        return cfg, run, given
-    ckpt = os.path.join(run.out, "ckpt.pt")
+        return cfg, run, given, None
     if os.path.isfile(ckpt):
         if not run.resume:
             raise ValueError(f"{run.out} already holds a run; add --resume to continue it or choose another --out")
-        saved = runtime.load_checkpoint(ckpt)[2]["config"]
-        cfg, run = runtime.resumed_config(saved, cfg, run, given)
+        resumed = runtime.load_checkpoint(ckpt)[1:]                     # (SiT on the CPU, checkpoint dict)
+        cfg, run = runtime.resumed_config(resumed[1]["config"], cfg, run, given)
     elif os.path.exists(os.path.join(run.out, "config.json")):          # killed before its first save
         if os.environ.get("RANK", "0") == "0":
             print(f"train.py: note: {run.out} holds a run that never saved a checkpoint; starting it afresh",
@@ -237,7 +226,7 @@ def configure(argv):
     if cfg.warmup_epochs >= cfg.epochs and not run.time_budget and os.environ.get("RANK", "0") == "0":
         print(f"train.py: note: --warmup-epochs {cfg.warmup_epochs:g} >= --epochs {cfg.epochs}: the learning "
               f"rate never reaches its peak (try --warmup-epochs {max(cfg.epochs / 10, 0.5):g})", file=sys.stderr)
-    return cfg, run, given
+    return cfg, run, given, resumed
 
 
 def load_training_data(cfg, run):
@@ -250,9 +239,7 @@ def load_training_data(cfg, run):
             bank = train if train.labels is not None else data.load(run.dataset, run.data_dir, train=True,
                                                                     limit=run.limit, size=cfg.img_size)
             test = data.load(run.dataset, run.data_dir, train=False, size=cfg.img_size)
-    except data.DataError:
-        raise
-    except (OSError, RuntimeError) as e:  # typically a failed download
+    except (OSError, RuntimeError) as e:  # typically a failed download (a DataError passes: a ValueError)
         raise ValueError(f"could not load {run.dataset} into {run.data_dir}: {str(e).splitlines()[0]}") from None
     if train.skipped:
         print(f"skipped {train.skipped} unreadable image files", file=sys.stderr)
@@ -261,7 +248,7 @@ def load_training_data(cfg, run):
     return train, bank, test
 
 
-def train(cfg, run, given, rank, world, device, train_set, bank, test_set):
+def train(cfg, run, resumed, rank, world, device, train_set, bank, test_set):
     """Pretrain to the last step or a stop signal; returns the exit code."""
     spe, path = len(train_set) // cfg.batch_size, os.path.join(run.out, "ckpt.pt")   # spe: steps per epoch
     torch.manual_seed(run.seed)
@@ -275,19 +262,20 @@ def train(cfg, run, given, rank, world, device, train_set, bank, test_set):
     gen = torch.Generator(device=device).manual_seed(run.seed + rank)
     step, total, pending = 0, cfg.epochs * spe, bool(run.time_budget)  # pending: the budget is still to fit
     opt = AdamW(model, sit.schedules(cfg, spe, total), device, world)
-    if run.resume:
-        step, total, pending, schedule = restore(path, cfg, run, given, model, opt, gen, rank, world, spe)
+    if resumed:
+        step, total, pending, schedule = restore(resumed, cfg, run, model, opt, gen, rank, world, spe)
         opt.schedule = schedule.to(device)
     mean, std = train_set.mean, train_set.std
     images = train_set.images.to(device) if train_set.images is not None else None
     u = torch.empty(uniforms_per_step(cfg, (cfg.batch_size // world, 3, cfg.img_size, cfg.img_size)), device=device)
-    step_fn = stepper(model, opt, u, gen, mean, std, run.compile, run.cuda_graphs and world == 1)
+    step_fn = stepper(model, opt, u, gen, mean, std, run.compile, run.cuda_graphs and world == 1, say=rank == 0)
     if rank == 0:
         runtime.remove_partial_saves(run.out)
         runtime.write_json(os.path.join(run.out, "config.json"), {**vars(cfg), **vars(run), "total_steps": total})
     log = runtime.Log(os.path.join(run.out, "log.jsonl"), rank == 0, step if run.resume else -1)
-    budget, saved_at, said = runtime.Budget(run.time_budget), time.time(), False
-    window, t_log, epoch_sums, t_epoch, epoch_start = 0, time.time(), torch.zeros(3, dtype=torch.float64), time.time(), step
+    budget, saved_at = runtime.Budget(run.time_budget), time.time()
+    window, t_log, t_epoch, epoch_start = 0, time.time(), time.time(), step
+    epoch_sums = torch.zeros(3, dtype=torch.float64)                   # loss, recons, contr over the epoch
 
     def save():
         """ckpt.pt (rank 0) with every rank's random stream; never weights that are not finite."""
@@ -326,9 +314,6 @@ def train(cfg, run, given, rank, world, device, train_set, bank, test_set):
             step_fn(next(batches).to(device, non_blocking=True))
             step, window = step + 1, window + 1
             bar.update(1)
-            if step_fn.compile_seconds is not None and not said and rank == 0:
-                said = tqdm.write(f"compiled the training step in {step_fn.compile_seconds:.1f} s "
-                                  f"({runtime.graph_count()} graph(s))") or True
             end = step % spe == 0 or step == total                       # an epoch's end (or the run's)
             if step % run.log_every == 0 or end:                         # the loop's only host sync
                 (loss, recons, contr), skipped, bad = opt.read()
@@ -373,9 +358,9 @@ def train(cfg, run, given, rank, world, device, train_set, bank, test_set):
     return 0
 
 
-def restore(path, cfg, run, given, model, opt, gen, rank, world, spe):
-    """Load the run's state from its checkpoint: (step, total steps, budget pending, schedule)."""
-    _, loaded, ckpt = runtime.load_checkpoint(path, next(model.parameters()).device)
+def restore(resumed, cfg, run, model, opt, gen, rank, world, spe):
+    """The run's state from its checkpoint: (step, total steps, budget pending, schedule)."""
+    loaded, ckpt, (old_total, total, pending) = resumed
     model.load_state_dict(loaded.state_dict())
     step, extra = ckpt["step"], ckpt["extra"]
     opt.load_state_dict(ckpt["optimizer"], step)
@@ -386,6 +371,16 @@ def restore(path, cfg, run, given, model, opt, gen, rank, world, spe):
         gen.manual_seed(run.seed + rank + 1_000_003 * step)
         print(f"resuming with {world} processes a run saved by {len(states)}: the random streams start afresh "
               f"(seeded), so the run is not an exact continuation", file=sys.stderr)
+    if rank == 0:
+        print(f"resuming {run.out} at epoch {step // spe}, step {step}" + (
+            f"; its schedules now end at step {total} instead of {old_total}" if total != old_total else ""))
+    return step, total, pending, schedule_for(cfg, spe, total, old_total, step)
+
+
+def resumed_length(ckpt, cfg, run, given, spe):
+    """(steps the run was to do, steps it does now, budget still to fit) on --resume: --epochs and
+    --time-budget may lengthen or shorten it; ValueError when nothing is left to do."""
+    step, extra = ckpt["step"], ckpt["extra"]
     old_total = extra.get("total_steps", ckpt["config"]["epochs"] * spe)
     total, pending = old_total, extra.get("budget_pending", False)
     if "epochs" in given:
@@ -394,13 +389,10 @@ def restore(path, cfg, run, given, model, opt, gen, rank, world, spe):
         pending = bool(run.time_budget)
     if pending:                                       # the budget fits the length, up to --epochs
         total = cfg.epochs * spe
-    if total <= step and not pending:
-        raise ValueError(f"the run in {run.out} has done its {step} steps (--epochs {math.ceil(old_total / spe)}); "
-                         f"--resume --epochs N (N > {step / spe:g}) or --time-budget MIN extends it")
-    if rank == 0:
-        print(f"resuming {run.out} at epoch {step // spe}, step {step}" + (
-            f"; its schedules now end at step {total} instead of {old_total}" if total != old_total else ""))
-    return step, total, pending, schedule_for(cfg, spe, total, old_total, step)
+    if total <= step:
+        raise ValueError(f"the run in {run.out} has done its {step} steps ({step / spe:g} epochs); --resume with "
+                         f"--epochs N (N > {step / spe:g}, and --time-budget MIN to fit it to a time) extends it")
+    return old_total, total, pending
 
 
 def fit_budget(budget, step, total, cfg, spe, opt, world, device, log, rank, run):
@@ -409,7 +401,8 @@ def fit_budget(budget, step, total, cfg, spe, opt, world, device, log, rank, run
     runtime.sync(device)
     left, step_s = budget.steps_left(step)
     new = int(runtime.agree([min(step + max(left, 1), cfg.epochs * spe)], world, device, op="min")[0])
-    opt.set_schedule(schedule_for(cfg, spe, new, total, step))
+    table = schedule_for(cfg, spe, new, total, step).to(device)           # in place: nothing recompiles
+    opt.schedule.copy_(torch.cat([table, table[:, -1:].expand(-1, total - new)], 1))
     if rank == 0:
         runtime.write_json(os.path.join(run.out, "config.json"), {**vars(cfg), **vars(run), "total_steps": new})
         tqdm.write(f"time budget {run.time_budget:g} min at {cfg.batch_size / step_s:,.0f} img/s "
@@ -443,21 +436,18 @@ def bench(cfg, run):
     gen = torch.Generator(device=device).manual_seed(run.seed)
     images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8,
                            device=device, generator=gen)
-    mean, std = data.IMAGENET_STATS
-    model = sit.SiT(cfg).to(device)
+    model, (mean, std), opt_bf16 = sit.SiT(cfg).to(device), data.IMAGENET_STATS, device.type == "cuda"
     with rng.source(gen):
-        counted = sit.SiT(cfg).to(device)
         clean = data.two_views(images, cfg.img_size, mean, std)
-        inputs = (clean, *counted.corrupt(clean))
-    with FlopCounterMode(display=False) as counter:                   # forward + backward, inputs excluded
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = counted(*inputs)["loss"]
-        loss.backward()
+        inputs = (clean, *model.corrupt(clean))
+    with FlopCounterMode(display=False) as flops, torch.autocast(device.type, torch.bfloat16, enabled=opt_bf16):
+        model(*inputs)["loss"].backward()                               # forward + backward, inputs excluded
+    model.zero_grad(set_to_none=True)
     opt = AdamW(model, sit.schedules(cfg, 100), device)
-    u = torch.empty(uniforms_per_step(cfg, images.shape), device=device)
-    step_fn = stepper(model, opt, u, gen, mean, std, compile_, run.cuda_graphs)
+    step_fn = stepper(model, opt, torch.empty(uniforms_per_step(cfg, images.shape), device=device), gen, mean, std,
+                      compile_, run.cuda_graphs)
     label = f"{cfg.model} ({cfg.dim}/{cfg.depth}/{cfg.heads}) P{cfg.patch_size} {cfg.img_size}px"
-    result = runtime.bench(run.bench, lambda: step_fn(images), counter.get_total_flops(), cfg.batch_size, device,
+    result = runtime.bench(run.bench, lambda: step_fn(images), flops.get_total_flops(), cfg.batch_size, device,
                            label, compile_, run.peak_tflops, warmup=10 if compile_ else 3)
     (loss, _, _), skipped, _ = opt.read()
     if not math.isfinite(loss) or skipped:
@@ -465,17 +455,11 @@ def bench(cfg, run):
     return result
 
 
-def out_of_memory(cfg):
-    return (f"train.py: error: out of GPU memory with --batch-size {cfg.batch_size} ({cfg.model}, "
-            f"{cfg.img_size} px, patch {cfg.patch_size}); lower --batch-size (the lr scales with it), or use "
-            f"a smaller --model or --img-size; the last checkpoint is kept")
-
-
 def main(argv=None):
     cfg = None
     try:
         try:  # set-up: a mistake in the input is one line on stderr and exit code 2
-            cfg, run, given = configure(argv)
+            cfg, run, given, resumed = configure(argv)
             torch.set_float32_matmul_precision("high")
             if run.bench:
                 bench(cfg, run)
@@ -483,12 +467,16 @@ def main(argv=None):
             rank, world, device = runtime.init_distributed(run, cfg.batch_size)
             run.compile = device.type == "cuda" if run.compile is None else run.compile
             loaded = load_training_data(cfg, run)
+            if resumed:                                                 # something left to do?
+                resumed += (resumed_length(resumed[1], cfg, run, given, len(loaded[0]) // cfg.batch_size),)
         except ValueError as e:  # DataError, CheckpointError, Config's, the flags' and the device's checks
             print(f"train.py: error: {e}", file=sys.stderr)
             return 2
-        return train(cfg, run, given, rank, world, device, *loaded)
+        return train(cfg, run, resumed, rank, world, device, *loaded)
     except torch.cuda.OutOfMemoryError:
-        print(out_of_memory(cfg), file=sys.stderr)
+        print(f"train.py: error: out of GPU memory with --batch-size {cfg.batch_size} ({cfg.model}, {cfg.img_size} "
+              f"px, patch {cfg.patch_size}); lower --batch-size (the lr scales with it), or use a smaller --model or "
+              f"--img-size; the last checkpoint is kept", file=sys.stderr)
         return 1
     except OSError as e:  # log.jsonl or config.json on a full or read-only disk
         print(f"train.py: error: could not write {e.filename or 'to the run folder'} ({e.strerror or e}); "

@@ -5,9 +5,7 @@
     python visualize.py runs/cifar10/ckpt.pt --attention        # -> runs/cifar10/attention.png
     python visualize.py runs/cifar10/ckpt.pt --curves           # -> runs/cifar10/curves.png (log.jsonl)
 
-Needs nothing but the checkpoint (it holds its Config) and the images; headless, seconds on a CPU.
-Figures are drawn on matplotlib's Figure directly, without pyplot: no display and no GUI backend is
-ever touched (the same effect as matplotlib.use("Agg")), and no global figure state is left behind.
+Needs only the checkpoint (it holds its Config); headless (matplotlib's Figure, not pyplot: no global state).
 """
 import dataclasses
 import json
@@ -24,6 +22,7 @@ import data
 import rng
 import runtime
 import sit
+from runtime import FOLDER, INT, allowed
 
 CELL, GAP = 1.2, 0.03       # inches per image panel, and the white margin inside it
 LABEL, TOP, PAD = 1.15, 0.5, 0.08   # inches: left of the grid (row labels), above (title), right/below
@@ -37,29 +36,21 @@ LOSSES = ("loss", "loss_recons", "loss_contr")
 class LogError(ValueError):
     """A training log that is missing or lacks the fields a curve needs (one-line message)."""
 
+# === Model side: tensors only, so that tests can check them
 
-# ------------------------------------------------------------------------------------------------
-# Model side: tensors only, so that tests can check them
-# ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def reconstruction_rows(model, cfg, x, generator):
-    """The rows of the reconstruction figure for normalised images x (B, 3, H, W).
-
-    Returns a dict of (B, 3, H, W) tensors in normalised space: original (x), corrupted (GMML with
-    cfg's drop settings, drawn from `generator`), reconstruction (the student decoder's output from
-    the corrupted images), pasted (the reconstruction in the corrupted pixels, x elsewhere); and
-    mask (B, 1, H, W), True = corrupted. Calls the student directly (not SiT.forward, whose
-    projection heads need two stacked views and batch statistics).
-    """
-    B, C, H, W = x.shape
+    """Rows (B, 3, H, W), normalised, of images x: original (x), corrupted (GMML, cfg's drop settings, `generator`),
+    reconstruction (the student decoder's; SiT.forward's projection heads would need two stacked views and batch
+    stats), pasted (it in the corrupted pixels, x elsewhere); and mask (B, 1, H, W), True = corrupted."""
+    H, W = x.shape[-2:]
     with rng.source(generator):
         corrupted, mask = sit.gmml_corrupt(x, cfg.drop_perc, cfg.drop_replace, cfg.drop_align, cfg.drop_type,
                                            cfg.max_block)
     tokens = model.student.backbone(corrupted)                      # (B, 1 + N, D)
     recon = model.student.decoder(tokens[:, 1:], H, W)              # (B, C, H, W)
-    return dict(original=x, corrupted=corrupted, reconstruction=recon,
-                pasted=torch.where(mask, recon, x), mask=mask)
+    return dict(original=x, corrupted=corrupted, reconstruction=recon, pasted=torch.where(mask, recon, x), mask=mask)
 
 
 @torch.no_grad()
@@ -71,61 +62,40 @@ def attention_maps(backbone, x):
     t = backbone.embed(x)                                           # (B, 1 + N, D)
     for block in backbone.blocks[:-1]:
         t = block(t)
-    y = last.norm1(t)
-    D, h = y.shape[-1], last.attn.heads
-    q, k, _ = last.attn.qkv(y).reshape(B, -1, 3, h, D // h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, 1 + N, d)
+    D, h = t.shape[-1], last.attn.heads
+    q, k, _ = last.attn.qkv(last.norm1(t)).reshape(B, -1, 3, h, D // h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, 1 + N, d)
     attn = (q[:, :, :1] @ k.transpose(-2, -1) * (D // h) ** -0.5).softmax(-1)[:, :, 0, 1:]  # (B, h, N)
-    attn = attn.reshape(B, -1, H // P, W // P)                      # (B, h, H/P, W/P)
-    return F.interpolate(attn, scale_factor=P, mode="nearest")      # (B, h, H, W)
-
-
-# ------------------------------------------------------------------------------------------------
-# Images: the checkpoint's test split, another dataset, or a folder of the user's own
-# ------------------------------------------------------------------------------------------------
-
-def folder_images(folder, n, size):
-    """The first n readable images under `folder` (sorted paths), uint8 (n, 3, size, size).
-
-    data.find_images + data.decode_files, the pieces of data.load(folder): it would decode every
-    image of the folder to show eight of them.
-    """
-    if not os.path.isdir(folder):
-        raise data.DataError(f"no such folder: {folder}")
-    paths = data.find_images(folder)
-    if not paths:
-        raise data.DataError(f"no images ({', '.join(data.IMAGE_EXTS)}) found under {folder}")
-    images = data.decode_files([(p, -1) for p in paths[:n]], size, 0, workers=0).images
-    if not len(images):
-        raise data.DataError(f"none of the first {min(n, len(paths))} image files under {folder} could be read")
-    return images
+    return F.interpolate(attn.reshape(B, -1, H // P, W // P), scale_factor=P, mode="nearest")  # (B, h, H, W)
 
 
 def load_images(args, cfg, dataset, data_dir):
-    """uint8 images (n, C, S, S), C = 1 or 3, and a name for the title.
-
-    Whatever the source, images are later normalised with the *training* statistics (data.stats of the checkpoint's dataset):
-    the weights expect inputs normalised that way, and denormalising with the same numbers gives
-    the reconstruction's true colours back. A folder's own statistics (data.load gives ImageNet's
-    for any folder) would feed the model inputs it never saw.
-    """
-    if args.images:
-        return folder_images(args.images, args.n, cfg.img_size), args.images
+    """uint8 images (n, C, S, S), C = 1 or 3, and a name for the title. Any source is normalised later with the
+    *training* statistics (data.stats of the checkpoint's dataset), which the weights expect and which give the true
+    colours back; a folder's own (data.load gives ImageNet's for any folder) would feed inputs the model never saw."""
     name, data_dir = args.dataset or dataset, args.data_dir or data_dir
-    if name not in data.DATASETS and os.path.isdir(name):           # trained on a folder
-        return folder_images(name, args.n, cfg.img_size), name
+    folder = args.images or (name if name not in data.DATASETS and os.path.isdir(name) else None)  # or trained on one
+    if folder:  # decodes only the first n images (sorted paths), where data.load(folder) would decode them all
+        if not os.path.isdir(folder):
+            raise data.DataError(f"no such folder: {folder}")
+        paths = data.find_images(folder)
+        if not paths:
+            raise data.DataError(f"no images ({', '.join(data.IMAGE_EXTS)}) found under {folder}")
+        images = data.decode_files([(p, -1) for p in paths[:args.n]], cfg.img_size, 0, workers=0).images
+        if not len(images):
+            raise data.DataError(f"none of the first {min(args.n, len(paths))} image files under {folder} "
+                                 "could be read")
+        return images, folder
     try:
         d = data.load(name, data_dir, train=False, size=cfg.img_size)
     except data.DataError:
         raise
     except Exception as e:  # a download that cannot happen (no network), a damaged archive, ...
-        raise data.DataError(f"cannot load the {name} test split from {data_dir} ({type(e).__name__}: "
-                             f"{first_line(e)}); try --data-dir or --images DIR") from None
+        raise data.DataError(f"cannot load the {name} test split from {data_dir} "
+                             f"({type(e).__name__}: {first_line(e)}); try --data-dir or --images DIR") from None
     return d.images[:args.n], f"{name} test"
 
+# === Figures: a grid of image panels with row labels, and the training curves
 
-# ------------------------------------------------------------------------------------------------
-# Figures: a grid of image panels with row labels, and the training curves
-# ------------------------------------------------------------------------------------------------
 
 def to_rgb(x, mean, std):
     """Normalised (B, 3, H, W) -> numpy (B, H, W, 3) in [0, 1]; gray data has 3 equal channels."""
@@ -144,12 +114,8 @@ def image_grid(labels, cols, title):
     x0 = LABEL + (W - LABEL - PAD - cols * CELL) / 2               # centred when the title is wider
     axes = []
     for r, label in enumerate(labels):
-        row = [fig.add_axes(((x0 + c * CELL + GAP) / W, (H - TOP - (r + 1) * CELL + GAP) / H,
-                             (CELL - 2 * GAP) / W, (CELL - 2 * GAP) / H)) for c in range(cols)]
-        for ax in row:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.spines[:].set_visible(False)
+        row = [fig.add_axes(((x0 + c * CELL + GAP) / W, (H - TOP - (r + 1) * CELL + GAP) / H, (CELL - 2 * GAP) / W,
+                             (CELL - 2 * GAP) / H), xticks=[], yticks=[], frame_on=False) for c in range(cols)]
         row[0].set_ylabel(label, fontsize=9)
         axes.append(row)
     fig.text(0.5, 1 - 0.06 / H, title, ha="center", va="top", fontsize=8, linespacing=1.4)
@@ -167,16 +133,15 @@ def reconstruction_figure(rows, mean, std, title):
 def attention_figure(x, maps, mean, std, title):
     """Images, then the mean over heads and each head overlaid; every map scaled to its min..max."""
     B, h = maps.shape[:2]
-    layers = [None, maps.mean(1)] + [maps[:, i] for i in range(h)]  # each (B, H, W)
+    layers = [maps.mean(1)] + [maps[:, i] for i in range(h)]        # each (B, H, W)
     labels = ["image", "mean of heads"] + [f"head {i + 1}" for i in range(h)]
     fig, axes = image_grid(labels, B, title)
     images = to_rgb(x, mean, std)
     luma = images @ np.array([0.299, 0.587, 0.114])                 # (B, H, W): gray under the maps
-    for ax_row, layer in zip(axes, layers):
+    for ax, img in zip(axes[0], images):
+        ax.imshow(img, interpolation="nearest")
+    for ax_row, layer in zip(axes[1:], layers):
         for b, ax in enumerate(ax_row):
-            if layer is None:
-                ax.imshow(images[b], interpolation="nearest")
-                continue
             a = layer[b] - layer[b].min()
             ax.imshow(luma[b], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.imshow((a / a.max().clamp(min=1e-12)).cpu().numpy(), cmap="inferno", alpha=0.6,
@@ -185,8 +150,8 @@ def attention_figure(x, maps, mean, std, title):
 
 
 def read_log(path):
-    """The 'step' and 'epoch' records of a log.jsonl, each sorted by step (the last line of a step
-    wins, as after a resume). Lines that are not JSON objects, such as one being written, are skipped."""
+    """The 'step' and 'epoch' records of a log.jsonl, each sorted by step (the last line of a step wins, as after
+    a resume). Lines that are not JSON objects, such as one being written, are skipped."""
     if not os.path.isfile(path):
         raise LogError(f"no training log at {path} (train.py writes log.jsonl next to ckpt.pt; or --log FILE)")
     records = {"step": {}, "epoch": {}}
@@ -207,31 +172,20 @@ def with_keys(records, keys):
 
 
 def add_epoch_axis(ax, epochs):
-    """A top axis in epochs, piecewise linear in the (step, epoch) pairs of the epoch lines.
-
-    Both ends are extended along their last segment: a clamped map would squeeze the axis limits.
-    """
-    pts = sorted({(r["step"], r["epoch"]) for r in with_keys(epochs, ["epoch"])})
-    if len(pts) < 2:
+    """A top axis in epochs. train.py logs epoch = step / steps per epoch, so one epoch line with epoch > 0 gives
+    the steps per epoch; without one there is no axis."""
+    spe = [r["step"] / r["epoch"] for r in with_keys(epochs, ["epoch"]) if r["epoch"] > 0 and r["step"] > 0]
+    if not spe:
         return
-    s, e = np.array(pts, dtype=float).T                              # (M,) steps and epochs
-    if not ((np.diff(s) > 0).all() and (np.diff(e) > 0).all()):
-        return
-    far = 1e9 * (s[-1] - s[0])                                      # steps beyond either end
-    first, last = (e[1] - e[0]) / (s[1] - s[0]), (e[-1] - e[-2]) / (s[-1] - s[-2])  # epochs/step
-    s = np.concatenate([[s[0] - far], s, [s[-1] + far]])
-    e = np.concatenate([[e[0] - far * first], e, [e[-1] + far * last]])
-    top = ax.secondary_xaxis("top", functions=(lambda v: np.interp(v, s, e), lambda v: np.interp(v, e, s)))
+    top = ax.secondary_xaxis("top", functions=(lambda s: s / spe[0], lambda e: e * spe[0]))
     top.set_xlabel("epoch", fontsize=8)
     top.xaxis.set_major_locator(MaxNLocator(integer=True))
     top.tick_params(labelsize=7)
 
 
 def curves_figure(steps, epochs, path):
-    """Three panels against the step: the loss and its parts, the learning rate, k-NN top-1.
-
-    steps, epochs: the records of read_log(path); per-epoch losses stand in when no step has them.
-    """
+    """Three panels against the step: the loss and its parts, the learning rate, k-NN top-1. steps,
+    epochs: the records of read_log(path); per-epoch losses stand in when no step has them."""
     train = with_keys(steps, ("step",) + LOSSES + ("lr",)) or with_keys(epochs, ("step",) + LOSSES + ("lr",))
     if not train:
         raise LogError(f"{path} has no 'step' or 'epoch' line with all of step, {', '.join(LOSSES)}, lr")
@@ -259,21 +213,18 @@ def curves_figure(steps, epochs, path):
     fig.suptitle(f"{path}  ·  step {last['step']}, epoch {epoch}", fontsize=9)
     return fig
 
+# === Command line
 
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
 
 def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def run_name(path):
-    return os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-
-
-def image_figure(args):
-    """The reconstruction or attention figure of args.ckpt: (Figure, default file name)."""
+def make_figure(args):
+    """The figure asked for: (Figure, default file name). --curves reads the log, not the checkpoint."""
+    if args.curves:
+        log = args.log or os.path.join(os.path.dirname(args.ckpt) or ".", "log.jsonl")
+        return curves_figure(*read_log(log), log), "curves.png"
     device = runtime.pick_device(args.device)
     cfg, model, ckpt = runtime.load_checkpoint(args.ckpt)            # on the CPU, then moved
     dataset, data_dir = ckpt["config"].get("dataset", ""), ckpt["config"].get("data_dir", "./data")
@@ -283,7 +234,8 @@ def image_figure(args):
     images, source = load_images(args, cfg, dataset, data_dir)
     mean, std = data.stats(dataset)
     x = data.prepare(images.to(device), cfg.img_size, mean, std)    # (n, 3, S, S)
-    head = f"{run_name(args.ckpt)}  ·  epoch {ckpt['epoch']}/{cfg.epochs}  ·  {source}  ·  {cfg.img_size} px"
+    run = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(args.ckpt))), os.path.basename(args.ckpt))
+    head = f"{run}  ·  epoch {ckpt['epoch']}/{cfg.epochs}  ·  {source}  ·  {cfg.img_size} px"
     if args.attention:
         maps = attention_maps(model.teacher.backbone, x)
         title = f"{head}\nCLS-to-patch attention, teacher's last block, {cfg.heads} heads; each map scaled min..max"
@@ -294,31 +246,22 @@ def image_figure(args):
     return reconstruction_figure(rows, mean, std, title), "reconstructions.png"
 
 
-def make_figure(args):
-    """Draw the figure asked for and write it; returns its path."""
-    folder = os.path.dirname(args.ckpt) or "."
-    if args.curves:                                                  # the checkpoint is not read
-        log = args.log or os.path.join(folder, "log.jsonl")
-        fig, name = curves_figure(*read_log(log), log), "curves.png"
-    else:
-        fig, name = image_figure(args)
-    out = args.out or os.path.join(folder, name)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=DPI)
-    return out
-
-
-
 MAX_N = 256   # images per figure: wider figures pass what matplotlib's Agg can draw (2^16 px)
-FLAGS = {  # flag: (valid when, what is allowed); every value of the command line, checked once parsed
-    "--n": runtime.allowed(1, MAX_N, kind=runtime.INT),
-    "--seed": runtime.allowed(0, 2**32 - 1, kind=runtime.INT),
-    "--drop-perc": runtime.allowed(0, 1),
-    "--dataset": data.DATASET_RULE,
-    "--data-dir": runtime.FOLDER,
-    "--images": (os.path.isdir, "an existing folder of images"),
-    "--log": (os.path.isfile, "an existing log.jsonl file"),
-    "--out": (lambda v: v != "" and not os.path.isdir(v), "a PNG file path (not a folder)"),
+FLAGS = {  # flag: (type, default, help, valid when or None, [more argparse settings]); checked once parsed
+    "--n": (int, 8, f"number of images, 1..{MAX_N} (default: 8)", allowed(1, MAX_N, kind=INT)),
+    "--seed": (int, 0, "seed of the GMML corruption (default: 0)", allowed(0, 2**32 - 1, kind=INT)),
+    "--drop-perc": (float, None, "override the checkpoint's drop_perc (share corrupted, 0..1)", allowed(0, 1)),
+    "--drop-type": (str, None, "override the checkpoint's drop_type", None, dict(choices=("noise", "zeros"))),
+    "--dataset": (str, None, "test split of this dataset instead of the checkpoint's", data.DATASET_RULE),
+    "--data-dir": (str, None, "where datasets are read/downloaded (default: the checkpoint's)", FOLDER),
+    "--images": (str, None, "your own images (resized and centre-cropped to img_size)",
+                 (os.path.isdir, "an existing folder of images"), dict(metavar="DIR")),
+    "--log": (str, None, "training log for --curves (default: <ckpt folder>/log.jsonl)",
+              (os.path.isfile, "an existing log.jsonl file"), dict(metavar="FILE")),
+    "--device": (str, "auto", "auto | cuda | mps | cpu (default: auto: cuda, then mps, then cpu)", None,
+                 dict(choices=("auto", "cuda", "mps", "cpu"))),
+    "--out": (str, None, "PNG path (default: <ckpt folder>/reconstructions.png, attention.png, curves.png)",
+              (lambda v: v != "" and not os.path.isdir(v), "a PNG file path (not a folder)")),
 }
 
 
@@ -328,31 +271,25 @@ def make_parser():
     what = p.add_mutually_exclusive_group()
     what.add_argument("--attention", action="store_true", help="CLS attention maps instead of reconstructions")
     what.add_argument("--curves", action="store_true", help="training curves from the run's log.jsonl")
-    p.add_argument("--n", type=int, default=8, help=f"number of images, 1..{MAX_N} (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the GMML corruption (default: 0)")
-    p.add_argument("--drop-perc", type=float, help="override the checkpoint's drop_perc (share corrupted, 0..1)")
-    p.add_argument("--drop-type", choices=("noise", "zeros"), help="override the checkpoint's drop_type")
-    p.add_argument("--dataset", help="test split of this dataset instead of the checkpoint's")
-    p.add_argument("--data-dir", help="where datasets are read/downloaded (default: the checkpoint's)")
-    p.add_argument("--images", metavar="DIR", help="your own images (resized and centre-cropped to img_size)")
-    p.add_argument("--log", metavar="FILE", help="training log for --curves (default: <ckpt folder>/log.jsonl)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
-                   help="auto | cuda | mps | cpu (default: auto: cuda, then mps, then cpu)")
-    p.add_argument("--out", help="PNG path (default: <ckpt folder>/reconstructions.png, attention.png, curves.png)")
+    for flag, (kind, default, text, _, *more) in FLAGS.items():
+        p.add_argument(flag, type=kind, default=default, help=text, **(more[0] if more else {}))
     return p
 
 
 def parse_args(argv):
     p = make_parser()
     args = p.parse_args(argv)
-    runtime.check_flags(p, args, FLAGS)
+    runtime.check_flags(p, args, {flag: rule for flag, (_, _, _, rule, *_) in FLAGS.items() if rule})
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        out = make_figure(args)
+        fig, name = make_figure(args)
+        out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", name)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        fig.savefig(out, dpi=DPI)
     except (runtime.CheckpointError, data.DataError, LogError, ValueError, OSError) as e:
         print(f"visualize.py: error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
