@@ -384,11 +384,7 @@ def parse_args(argv):
 def evaluate(args):
     """Run one mode and return its results record (the JSON line): `epochs` there is the encoder's pretraining
     epochs (0 with --random-init); fine-tuning's own count is `finetune_epochs`."""
-    start = time.time()
-    try:
-        device = runtime.pick_device(args.device)
-    except ValueError as err:
-        raise EvalError(str(err)) from None
+    start, device = time.time(), runtime.pick_device(args.device)         # ValueError: not here
     backbone, info, epochs = encoder(args, device)
     args.cfg, args.img_size = info["cfg"], info["cfg"].img_size
     args.dataset = args.dataset or info["dataset"]
@@ -406,7 +402,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         r = evaluate(args)
-    except (runtime.CheckpointError, data.DataError, EvalError) as e:
+    except ValueError as e:  # CheckpointError, DataError, EvalError, a device not here: one line
         sys.exit(f"eval.py: error: {e}")
     source = ("raw pixels (no encoder)" if r["raw_pixels"] else "random init encoder" if r["random_init"]
               else f"pretrained encoder (epoch {r['epochs']})")

@@ -208,7 +208,8 @@ TRAIN_BAD = {
 TRAIN_QUICK = ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "1",
                "--warmup-epochs", "0", "--model", "tiny", "--dim", "32", "--depth", "2", "--heads", "2",
                "--img-size", "16", "--proj-hidden", "64", "--proj-dim", "16", "--device", "cpu", "--knn-every", "0"]
-CONFIG_FIELDS = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(sit.Config) + dataclasses.fields(runtime.Run)}
+CONFIG_FIELDS = {f"--{f.name.replace('_', '-')}": f
+                 for f in dataclasses.fields(sit.Config) + dataclasses.fields(runtime.Run)}
 TRAIN_CASES = [(flag, value) for flag, values in TRAIN_BAD.items() for value in values]
 
 

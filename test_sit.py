@@ -799,3 +799,77 @@ def test_gmml_draw_count_and_share_spread():
     assert rng.count(sit.gmml_corrupt, x, 0.5, 0.3, 4, "zeros", 0.5) == 4 * 3 + 4 * K * 4
     _, mask = corrupt(torch.randn(64, 3, 32, 32, generator=gen(1)), 0.9, 0.9, align=1, g=gen(2))
     assert mask.float().mean() > 0.62
+
+
+def _gmml_by_loop(u, share, H, W, align, mh, mw):
+    """gmml_mask written as a loop: paint blocks (u[b, k] = size rows, size cols, top, left) one by one
+    on the ceil(H / a) x ceil(W / a) grid until the painted share reaches share[b], then blow up cells
+    to a x a pixels and crop to H x W."""
+    B, K = u.shape[:2]
+    gh, gw = -(-H // align), -(-W // align)
+    out = torch.zeros(B, 1, H, W, dtype=torch.bool)
+    for b in range(B):
+        cells = torch.zeros(gh, gw, dtype=torch.bool)
+        for k in range(K):
+            if torch.tensor(float(cells.sum()), dtype=torch.float32) / (gh * gw) >= share[b]:
+                break
+            h, w = 1 + int(u[b, k, 0] * mh), 1 + int(u[b, k, 1] * mw)
+            t, l = int(u[b, k, 2] * (gh - h + 1)), int(u[b, k, 3] * (gw - w + 1))
+            cells[t:t + h, l:l + w] = True
+        out[b, 0] = cells.repeat_interleave(align, 0).repeat_interleave(align, 1)[:H, :W]
+    return out
+
+
+def test_gmml_mask_default_max_block_sizes_and_crop_from_an_explicit_stream():
+    """Default max_block 0.3 on 30 x 32 pixels, align 4: an 8 x 8 grid, blocks 1..2 cells high (u0) and
+    wide (u1), corners from u2, u3; K = 2 ceil(log 0.5 / log(1 - 9/256)) = 40 at max_share 0.5. Equal to
+    the painting loop, cropped to 30 rows; the first block of image 0 (u = .9, .1, 0, .99) is 2 x 1 cells
+    at (0, 7)."""
+    K = 2 * math.ceil(math.log(0.5) / math.log(1 - 9 / 256))
+    assert K == 40
+    u = torch.rand(3, K, 4, generator=gen(5))
+    u[0, 0] = torch.tensor([0.9, 0.1, 0.0, 0.99])
+    share = torch.tensor([0.5, 0.25, 1.0])
+    with rng.source(u.flatten()):
+        mask = sit.gmml_mask(share, 30, 32, 4, max_share=0.5)
+    assert mask.shape == (3, 1, 30, 32)
+    assert torch.equal(mask, _gmml_by_loop(u, share, 30, 32, 4, 2, 2))
+    assert mask[0, 0, :8, 28:].all() and not mask[2].all()
+
+
+def test_gmml_mask_single_cell_image():
+    """An image of one grid cell (4 x 4 or 3 x 2 at align 4): the one block (mean area 1, clamped
+    below 1 in K's formula) covers it all; K = 8 draws of 4."""
+    for H, W in [(4, 4), (3, 2)]:
+        with rng.source(torch.rand(2 * 8 * 4, generator=gen(1))):
+            mask = sit.gmml_mask(torch.tensor([0.5, 0.0]), H, W, 4)
+        assert mask.shape == (2, 1, H, W) and mask[0].all() and not mask[1].any()
+
+
+def test_gmml_mask_block_count_bounds():
+    """K = 2 ceil(log(1 - min(max_share, 0.95)) / log(1 - mean area)) capped at 250: 64 x 64 at align 1,
+    max_block 0.05 (3 x 3 cells, mean area 4/4096) wants far more; 16 x 16 at align 4, max_block 0.5
+    (mean area 9/64) gives 40 at max_share 0.95 and the same at 0.99 (max_share counts up to 0.95)."""
+    def n_drawn(H, align, max_block, max_share):
+        return rng.count(sit.gmml_mask, torch.full((2,), 0.5), H, H, align, max_block, max_share)
+    assert 2 * math.ceil(math.log(0.05) / math.log(1 - 4 / 4096)) > 250
+    assert n_drawn(64, 1, 0.05, 0.95) == 2 * 250 * 4
+    K = 2 * math.ceil(math.log(0.05) / math.log(1 - 9 / 64))
+    assert K == 40
+    assert n_drawn(16, 4, 0.5, 0.95) == n_drawn(16, 4, 0.5, 0.99) == n_drawn(16, 4, 0.5, 1.0) == 2 * K * 4
+
+
+def test_gmml_mask_image_short_of_its_share_keeps_all_blocks_next_to_one_that_reaches():
+    """16 x 16, align 4, max_block 0.3: 1-cell blocks, K = 2 ceil(log 0.5 / log(1 - 1/16)) = 22 at
+    max_share 0.5. All blocks sit on cell (0, 0) but image 1's block 1 on (3, 3): image 0 (share 1/16)
+    keeps block 0; image 1 (share 1, out of reach) keeps all 22, so both cells, whatever image 0 does."""
+    K = 2 * math.ceil(math.log(0.5) / math.log(1 - 1 / 16))
+    assert K == 22
+    u = torch.zeros(2, K, 4)
+    u[1, 1, 2:] = 0.99
+    with rng.source(u.flatten()):
+        mask = sit.gmml_mask(torch.tensor([1 / 16, 1.0]), 16, 16, 4, max_share=0.5)
+    expected = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    expected[:, :, :4, :4] = True
+    expected[1, :, 12:, 12:] = True
+    assert torch.equal(mask, expected)

@@ -61,11 +61,11 @@ class AdamW:
     non-finite loss) since the last read. No weight decay on biases, norm weights, the CLS token and
     the position embedding. state_dict() is torch.optim.AdamW's."""
 
-    def __init__(self, model, schedule, device, world=1):
+    def __init__(self, model, schedule, device, world=1, bf16=False):
         decay, no_decay = [], []
         for name, p in model.student.named_parameters():
             (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
-        self.decay, self.params, self.world, self.bf16 = decay, decay + no_decay, world, device.type == "cuda"
+        self.decay, self.params, self.world, self.bf16 = decay, decay + no_decay, world, bf16
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.t, self.step = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
@@ -261,7 +261,7 @@ def train(cfg, run, resumed, rank, world, device, train_set, bank, test_set):
                 part.head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(part.head)
     gen = torch.Generator(device=device).manual_seed(run.seed + rank)
     step, total, pending = 0, cfg.epochs * spe, bool(run.time_budget)  # pending: the budget is still to fit
-    opt = AdamW(model, sit.schedules(cfg, spe, total), device, world)
+    opt = AdamW(model, sit.schedules(cfg, spe, total), device, world, runtime.bf16(run, device, cfg.dim))
     if resumed:
         step, total, pending, schedule = restore(resumed, cfg, run, model, opt, gen, rank, world, spe)
         opt.schedule = schedule.to(device)
@@ -436,17 +436,18 @@ def bench(cfg, run):
     gen = torch.Generator(device=device).manual_seed(run.seed)
     images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8,
                            device=device, generator=gen)
-    model, (mean, std), opt_bf16 = sit.SiT(cfg).to(device), data.IMAGENET_STATS, device.type == "cuda"
+    model, (mean, std), bf16 = sit.SiT(cfg).to(device), data.IMAGENET_STATS, runtime.bf16(run, device, cfg.dim)
     with rng.source(gen):
         clean = data.two_views(images, cfg.img_size, mean, std)
         inputs = (clean, *model.corrupt(clean))
-    with FlopCounterMode(display=False) as flops, torch.autocast(device.type, torch.bfloat16, enabled=opt_bf16):
+    with FlopCounterMode(display=False) as flops, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         model(*inputs)["loss"].backward()                               # forward + backward, inputs excluded
     model.zero_grad(set_to_none=True)
-    opt = AdamW(model, sit.schedules(cfg, 100), device)
+    opt = AdamW(model, sit.schedules(cfg, 100), device, bf16=bf16)
     step_fn = stepper(model, opt, torch.empty(uniforms_per_step(cfg, images.shape), device=device), gen, mean, std,
                       compile_, run.cuda_graphs)
     label = f"{cfg.model} ({cfg.dim}/{cfg.depth}/{cfg.heads}) P{cfg.patch_size} {cfg.img_size}px"
+    label += " bf16" if bf16 else " fp32"
     result = runtime.bench(run.bench, lambda: step_fn(images), flops.get_total_flops(), cfg.batch_size, device,
                            label, compile_, run.peak_tflops, warmup=10 if compile_ else 3)
     (loss, _, _), skipped, _ = opt.read()

@@ -8,7 +8,6 @@
 Needs only the checkpoint (it holds its Config); headless (matplotlib's Figure, not pyplot: no global state).
 """
 import dataclasses
-import json
 import os
 import sys
 
@@ -156,12 +155,8 @@ def read_log(path):
         raise LogError(f"no training log at {path} (train.py writes log.jsonl next to ckpt.pt; or --log FILE)")
     records = {"step": {}, "epoch": {}}
     with open(path, errors="replace") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict) and r.get("kind") in records and isinstance(r.get("step"), (int, float)):
+        for r in filter(None, map(runtime.row_of, f)):                 # JSON objects only
+            if r.get("kind") in records and isinstance(r.get("step"), (int, float)):
                 records[r["kind"]][r["step"]] = r
     return [sorted(records[k].values(), key=lambda r: r["step"]) for k in ("step", "epoch")]
 
