@@ -31,8 +31,8 @@ VAL_SHARE = 0.1                                        # share of train held out
 class EvalError(ValueError):
     """A request that cannot be met (device not available, too few images per class or per batch)."""
 
-# === Frozen features and k-NN (train.py's monitor uses these two)
 
+# === Frozen features and k-NN (train.py's monitor uses these two)
 
 @torch.no_grad()
 def features(backbone, images, size, mean, std, batch_size=512, mean_patch=False):
@@ -67,8 +67,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
         correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
     return 100.0 * correct / len(test_feats)
 
-# === Linear probe and few-shot: multinomial logistic regression on frozen, standardised features
 
+# === Linear probe and few-shot: multinomial logistic regression on frozen, standardised features
 
 def standardize(train, *others):
     """Shift and scale every feature to mean 0, std 1 on `train` (N, F); the same map for `others`."""
@@ -140,8 +140,8 @@ def fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seeds, weight_
             runs[K].append(top1(head, test_x, test_y))
     return runs
 
-# === Fine-tuning: the whole encoder + a linear head on CLS, MAE's / DeiT's recipe (images: data.finetune_view)
 
+# === Fine-tuning: the whole encoder + a linear head on CLS, MAE's / DeiT's recipe (images: data.finetune_view)
 
 class Classifier(nn.Module):
     """ViT encoder + linear head on its CLS token: images (B, 3, H, W) -> logits (B, C)."""
@@ -234,8 +234,8 @@ def finetune_epoch(model, opt, images, labels, test, stats, args, epoch, generat
     acc = top1(model.head, features(model.backbone, test.images, size, mean, std), test.labels.to(images.device))
     return total.item() / max(steps, 1), acc
 
-# === The four modes: each returns dict(accuracy=..., **details)
 
+# === The four modes: each returns dict(accuracy=..., **details)
 
 def run_frozen(args, backbone, train, test):
     """knn, linear or fewshot on frozen features, computed once: train_x (N, F), train_y (N,), test_x, test_y, C."""
@@ -288,8 +288,8 @@ def run_finetune(args, backbone, train, test):
     return dict(accuracy=accs[-1], best_epoch_picked_on_test=max(accs), per_epoch=accs, finetune_epochs=args.epochs,
                 **{name: getattr(args, name) for name in recipe}, finetuned=path)
 
-# === Command line
 
+# === Command line
 
 def encoder(args, device):
     """(ViT, info, pretraining epochs): runtime.load_encoder's (the momentum teacher's backbone, an EMA of the student,

@@ -52,8 +52,8 @@ def convert(vit, head, fmt):
     rename = torchvision_name if fmt == "torchvision" else str
     return {rename(k): v.detach().cpu().contiguous().clone() for k, v in ours.items()}
 
-# === The architecture and the lines of Python that rebuild the model
 
+# === The architecture and the lines of Python that rebuild the model
 
 def architecture(cfg, num_classes, dataset, fmt):
     """The facts a model built elsewhere needs: sizes, normalisation, format."""
@@ -83,8 +83,8 @@ def python_lines(arch, weights):
     return dict(imports="import timm, torch" if a["format"] == "timm" else "import torch, torchvision",
                 build=build, load=load, use=use)
 
-# === Command line
 
+# === Command line
 
 def export(checkpoint, fmt="timm", student=False, out=None):
     """Write the encoder's .pth and .json; returns (pth path, json path, the JSON record)."""

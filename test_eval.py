@@ -85,7 +85,8 @@ def test_linear_mode_chooses_a_weight_decay(ckpt):
 
 
 def test_fewshot_mode_reports_mean_and_std_per_k(ckpt):
-    _, line = run(ckpt, "--mode", "fewshot", "--shots", "1,5", "--seeds", "2", "--seed", "7", "--limit", "256", "--probe-steps", "50")
+    _, line = run(ckpt, "--mode", "fewshot", "--shots", "1,5", "--seeds", "2", "--seed", "7", "--limit", "256",
+                  "--probe-steps", "50")
     assert set(line["accuracy"]) == {"1", "5"} and set(line["std"]) == {"1", "5"}
     assert line["seeds"] == [7, 8] and all(len(r) == 2 for r in line["runs"].values())
     assert line["accuracy"]["1"] == pytest.approx(np.mean(line["runs"]["1"]))

@@ -747,7 +747,6 @@ def test_sit_corrupt_corrupts_each_view_on_its_own_with_the_configs_gmml():
     assert torch.equal(corrupted, torch.cat([v1[0], v2[0]])) and (corrupted[mask.expand_as(clean)] != 0).all()
 
 
-
 def test_position_embedding_interpolation_uses_half_pixel_centres():
     """Resizing the 4 x 4 grid to 8 x 8 samples the old grid at (i + 0.5) / 2 - 0.5 (align_corners
     False, as DINO), bicubic with torch's kernel (a = -0.75), written out: on positions that grow by

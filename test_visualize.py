@@ -126,7 +126,8 @@ def test_drop_overrides_reach_the_corruption(ckpt, tmp_path, monkeypatch):
         seen.update(cfg=cfg, n=len(x))
         return rows(model, cfg, x, generator)
     monkeypatch.setattr(visualize, "reconstruction_rows", spy)
-    visualize.main([str(ckpt), "--n", "3", "--drop-perc", "0.8", "--drop-type", "zeros", "--out", str(tmp_path / "r.png")])
+    visualize.main([str(ckpt), "--n", "3", "--drop-perc", "0.8", "--drop-type", "zeros",
+                    "--out", str(tmp_path / "r.png")])
     assert (seen["cfg"].drop_perc, seen["cfg"].drop_type, seen["n"]) == (0.8, "zeros", 3)
     assert seen["cfg"].drop_align == 4 and seen["cfg"].img_size == 16
 
@@ -160,7 +161,8 @@ def test_curves_without_step_lines_use_epoch_lines(tmp_path):
     log = tmp_path / "epochs.jsonl"
     write_log(log)
     log.write_text("".join(l + "\n" for l in log.read_text().splitlines() if '"kind": "epoch"' in l))
-    visualize.main([str(tmp_path / "no-ckpt-needed.pt"), "--curves", "--log", str(log), "--out", str(tmp_path / "c.png")])
+    visualize.main([str(tmp_path / "no-ckpt-needed.pt"), "--curves", "--log", str(log),
+                    "--out", str(tmp_path / "c.png")])
     assert (tmp_path / "c.png").exists()
 
 

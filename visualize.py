@@ -35,8 +35,8 @@ LOSSES = ("loss", "loss_recons", "loss_contr")
 class LogError(ValueError):
     """A training log that is missing or lacks the fields a curve needs (one-line message)."""
 
-# === Model side: tensors only, so that tests can check them
 
+# === Model side: tensors only, so that tests can check them
 
 @torch.no_grad()
 def reconstruction_rows(model, cfg, x, generator):
@@ -93,8 +93,8 @@ def load_images(args, cfg, dataset, data_dir):
                              f"({type(e).__name__}: {first_line(e)}); try --data-dir or --images DIR") from None
     return d.images[:args.n], f"{name} test"
 
-# === Figures: a grid of image panels with row labels, and the training curves
 
+# === Figures: a grid of image panels with row labels, and the training curves
 
 def to_rgb(x, mean, std):
     """Normalised (B, 3, H, W) -> numpy (B, H, W, 3) in [0, 1]; gray data has 3 equal channels."""
@@ -208,8 +208,8 @@ def curves_figure(steps, epochs, path):
     fig.suptitle(f"{path}  ·  step {last['step']}, epoch {epoch}", fontsize=9)
     return fig
 
-# === Command line
 
+# === Command line
 
 def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
