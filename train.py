@@ -41,10 +41,11 @@ def train_step(model, opt, x, mean, std):
     grads = list(torch.autograd.grad(out["loss"], opt.params))
     if opt.world > 1:
         all_reduce_mean_(grads)                                              # data parallel, one all-reduce
-    ok = torch.stack(torch._foreach_norm(grads)).sum().isfinite() & lr.isfinite() & wd.isfinite()
+    norms = torch.stack(torch._foreach_norm(grads))                         # (n,) one per tensor
+    ok = norms.sum().isfinite() & lr.isfinite() & wd.isfinite()
     grads = [torch.where(ok, g, 0.0) for g in grads]
     if cfg.clip_grad > 0:
-        clip_grad_norm_(grads, cfg.clip_grad, per_tensor=cfg.clip_mode == "per-tensor")
+        clip_grad_norm_(grads, cfg.clip_grad, cfg.clip_mode == "per-tensor", torch.where(ok, norms, 0.0))
     adamw_(opt, grads, lr, wd, ok)
     model.update_teacher(torch.where(ok, m, 1.0))                            # theta_t <- m theta_t + (1 - m) theta_s
     opt.step += 1
@@ -119,19 +120,18 @@ def adamw_(opt, grads, lr, wd, ok, betas=(0.9, 0.999), eps=1e-8):
 
 
 @torch.no_grad()
-def clip_grad_norm_(grads, max_norm, per_tensor=False):
+def clip_grad_norm_(grads, max_norm, per_tensor=False, norms=None):
     """Scale `grads` in place so that their L2 norm is at most `max_norm` (no host sync).
 
     Differs from the reference code (per_tensor: each parameter tensor clipped on its own): one
-    global norm, the usual choice, keeps the update's direction.
+    global norm, the usual choice, keeps the update's direction. norms: the tensors' norms, if known.
     """
-    norms = torch._foreach_norm(grads)
+    norms = torch.stack(torch._foreach_norm(grads)) if norms is None else norms   # (n,)
     if per_tensor:
         for g, n in zip(grads, norms):
             g.mul_((max_norm / (n + 1e-6)).clamp(max=1.0))
         return
-    norm = torch.linalg.vector_norm(torch.stack(norms))
-    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    torch._foreach_mul_(grads, (max_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0))
 
 
 def all_reduce_mean_(tensors):
