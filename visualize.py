@@ -190,9 +190,9 @@ def curves_figure(steps, epochs, path):
     ax_loss, ax_lr, ax_knn = fig.subplots(1, 3, sharex=True)
     x = [r["step"] for r in train]
     for key in LOSSES:
-        ax_loss.plot(x, [r[key] for r in train], label=key, lw=1.2)
+        ax_loss.plot(x, [r[key] for r in train], label=key, lw=1.2, marker="o" if len(x) < 3 else None)
     ax_loss.legend(fontsize=8, frameon=False)
-    ax_lr.plot(x, [r["lr"] for r in train], color="tab:purple", lw=1.2)
+    ax_lr.plot(x, [r["lr"] for r in train], color="tab:purple", lw=1.2, marker="o" if len(x) < 3 else None)
     ax_knn.plot([r["step"] for r in knn], [r["knn"] for r in knn], "o-", color="tab:green", ms=4)
     if not knn:
         ax_knn.text(0.5, 0.5, "no k-NN accuracy in the log", ha="center", va="center", transform=ax_knn.transAxes)
