@@ -117,6 +117,17 @@ def test_reconstruction_png_default_path_and_size(ckpt, capsys):
     assert imread(str(out))[..., :3].std() > 0.05                    # not blank
 
 
+def test_title_says_how_far_the_run_got(ckpt, tiny, tmp_path):
+    """The title counts steps of the run's length when the checkpoint knows it (a --time-budget run ends
+    inside its --epochs bound), else epochs of --epochs."""
+    cfg, model = tiny
+    budgeted = tmp_path / "budget" / "ckpt.pt"
+    runtime.save_checkpoint(str(budgeted), cfg, model, step=40, epoch=2, extra=dict(total_steps=55), run=SYNTHETIC)
+    for path, text in [(ckpt, f"epoch 2/{cfg.epochs}"), (budgeted, "step 40/55")]:
+        fig, _ = visualize.make_figure(visualize.parse_args([str(path), "--n", "2"]))
+        assert any(text in t.get_text() for t in fig.texts)
+
+
 def test_drop_overrides_reach_the_corruption(ckpt, tmp_path, monkeypatch):
     """--drop-perc/--drop-type replace the checkpoint's settings; the rest of the config is kept."""
     seen = {}

@@ -230,7 +230,9 @@ def make_figure(args):
     mean, std = data.stats(dataset)
     x = data.prepare(images.to(device), cfg.img_size, mean, std)    # (n, 3, S, S)
     run = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(args.ckpt))), os.path.basename(args.ckpt))
-    head = f"{run}  ·  epoch {ckpt['epoch']}/{cfg.epochs}  ·  {source}  ·  {cfg.img_size} px"
+    total = ckpt.get("extra", {}).get("total_steps")                # a --time-budget run's length is in steps
+    at = f"step {ckpt['step']}/{total}" if total else f"epoch {ckpt['epoch']}/{cfg.epochs}"
+    head = f"{run}  ·  {at}  ·  {source}  ·  {cfg.img_size} px"
     if args.attention:
         maps = attention_maps(model.teacher.backbone, x)
         title = f"{head}\nCLS-to-patch attention, teacher's last block, {cfg.heads} heads; each map scaled min..max"
