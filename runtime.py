@@ -407,25 +407,30 @@ class StopFlag:
 # === --time-budget: how many steps the budget buys, from the measured speed
 class Budget:
     """Measures the step time once compiled (over >= 10 steps and >= 5 s, or 5% of the budget), then says how many
-    steps fit in what is left of `minutes`. Time in the k-NN monitor is not counted (`paused` adds to it)."""
+    steps fit in what is left of `minutes`; measured again, over the steps since, at a quarter, half and three
+    quarters of the budget, since a machine's speed drifts. Time in the k-NN monitor is not counted (`paused`)."""
 
     def __init__(self, minutes):
-        self.minutes, self.started, self.paused, self.mark = minutes, time.time(), 0.0, None
+        self.minutes, self.started, self.paused, self.mark, self.fits = minutes, time.time(), 0.0, None, 0
 
     def elapsed(self):
         return time.time() - self.started - self.paused
 
     def ready(self, step):
-        """Whether enough steps have been timed; the first call (after compiling) starts the clock."""
+        """Whether to fit the length now; the first call (after compiling) starts the clock."""
         if self.mark is None:
             self.mark = (step, self.elapsed())
             return False
+        if self.fits:
+            return self.fits < 4 and self.elapsed() >= 15 * self.minutes * self.fits and step > self.mark[0]
         return step - self.mark[0] >= 10 and self.elapsed() - self.mark[1] >= min(5.0, 3.0 * self.minutes)
 
     def steps_left(self, step):
-        """(steps that fit in the rest of the budget, seconds per step)."""
-        step_s = (self.elapsed() - self.mark[1]) / (step - self.mark[0])
-        return int((60 * self.minutes - self.elapsed()) / step_s), step_s
+        """(steps that fit in the rest of the budget, seconds per step since the last fit)."""
+        now = self.elapsed()
+        step_s = (now - self.mark[1]) / (step - self.mark[0])
+        self.mark, self.fits = (step, now), self.fits + 1
+        return int((60 * self.minutes - now) / step_s), step_s
 
 
 # === Benchmark: the training loop's own step on random images

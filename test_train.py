@@ -528,19 +528,39 @@ def test_clip_per_tensor_clips_each_tensor_on_its_own():
 
 
 def test_bench_prints_one_line_of_consistent_numbers(capsys):
-    """--bench times the loop's own step on random images: one line whose img/s is batch / (ms/step),
-    with host time, graphs, and no MFU on a CPU unless --peak-tflops gives the peak (then TFLOP/s
-    over that peak)."""
+    """--bench times the loop's own step on random images, alternated 3 times with a plain eager step:
+    lines whose img/s is batch / (ms/step), with host time, graphs, and no MFU on a CPU unless
+    --peak-tflops gives the peak (then TFLOP/s over that peak); the last line is the median ratio."""
     assert train.main(TINY + ["--bench", "2", "--batch-size", "16"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    number = lambda pattern: float(re.search(pattern, line).group(1).replace(",", ""))  # noqa: E731
+    lines = capsys.readouterr().out.strip().splitlines()
+    number = lambda pattern, text=None: float(re.search(pattern, text or line).group(1).replace(",", ""))  # noqa
+    ms_of = [number(r"([\d,.]+) ms/step", text) for text in lines[-7:-1]]
+    ratios = [plain / ours for ours, plain in zip(ms_of[::2], ms_of[1::2])]     # alternated: ours, plain, ...
+    assert all(" plain " in text for text in lines[-6:-1:2]) and not any(" plain " in t for t in lines[-7:-1:2])
+    assert number(r"runs ([\d.]+)x as fast", lines[-1]) == pytest.approx(sorted(ratios)[1], rel=0.02)
+    line = lines[-7]
     img_s, ms = number(r"([\d,.]+) img/s"), number(r"([\d,.]+) ms/step")
     assert img_s == pytest.approx(16 / (ms / 1e3), rel=0.01) and ms > 0
     assert "MFU not known" in line and "host" in line and "compiled graph(s)" in line and "eager on cpu" in line
     train.main(TINY + ["--bench", "2", "--batch-size", "16", "--peak-tflops", "0.001"])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = capsys.readouterr().out.strip().splitlines()[-7]
     tflops, mfu = number(r"([\d.e+-]+) TFLOP/s"), number(r"MFU ([\d.e+-]+)%")
     assert mfu == pytest.approx(100 * tflops / 0.001, rel=0.01)
+
+
+def test_bench_yardstick_is_a_whole_step():
+    """The plain step that --bench compares against trains the student and moves the teacher, so the
+    ratio compares two whole steps."""
+    cfg = sit.Config(dim=32, depth=2, heads=2, img_size=16, patch_size=4, proj_hidden=64, proj_dim=16)
+    model = sit.SiT(cfg)
+    clean = torch.randn(8, 3, 16, 16)
+    inputs = (clean, *model.corrupt(clean))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train.plain_step(model, inputs, bf16=False)()
+    after = model.state_dict()
+    for part in ("student", "teacher"):
+        key = f"{part}.backbone.blocks.0.attn.qkv.weight"
+        assert not torch.equal(before[key], after[key]), part
 
 
 # --- bad input: one line on stderr, non-zero exit, nothing overwritten --------------------------
@@ -667,10 +687,11 @@ def test_out_of_memory_is_one_line_naming_batch_size(tmp_path, monkeypatch, caps
 # --- --time-budget ----------------------------------------------------------------------------
 
 def test_time_budget_sets_the_length_and_uses_the_whole_budget(tmp_path):
-    """--time-budget 0.1 (6 s) with --epochs 1000: the run measures its speed, logs one budget row
-    with the N steps that fit (fewer than 1000 epochs' worth, ending inside an epoch if that is where
-    the time ends), writes N into config.json, trains exactly N steps (the checkpoint says so), logs
-    each epoch end and the last step, exits 0, and takes most of the budget, not a whole epoch less."""
+    """--time-budget 0.1 (6 s) with --epochs 1000: the run measures its speed, logs a budget row (and
+    one more at each quarter of the budget where it measures again), the last with the N steps that
+    fit (fewer than 1000 epochs' worth, ending inside an epoch if that is where the time ends), writes
+    N into config.json, trains exactly N steps (the checkpoint says so), logs each epoch end and the
+    last step, exits 0, and takes most of the budget, not a whole epoch less."""
     budget_s = 6
     t = time.time()
     code = run_main(TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32",
@@ -680,8 +701,8 @@ def test_time_budget_sets_the_length_and_uses_the_whole_budget(tmp_path):
     folder = tmp_path / "run"
     rows = read_log(folder)
     budget = [r for r in rows if r["kind"] == "budget"]
-    assert len(budget) == 1 and 8 <= budget[0]["steps"] < 8 * 1000, budget
-    n = budget[0]["steps"]
+    assert 1 <= len(budget) <= 4 and 8 <= budget[-1]["steps"] < 8 * 1000, budget
+    n = budget[-1]["steps"]
     assert json.load(open(folder / "config.json"))["total_steps"] == n
     ckpt = torch.load(folder / "ckpt.pt", weights_only=True)
     assert (ckpt["step"], ckpt["epoch"], ckpt["extra"]["total_steps"]) == (n, n // 8, n)
@@ -692,7 +713,7 @@ def test_time_budget_sets_the_length_and_uses_the_whole_budget(tmp_path):
 
 def test_time_budget_of_a_run_stopped_before_fitting_it_is_fitted_on_resume(tmp_path, monkeypatch):
     """A --time-budget run stopped (SIGTERM) before it has measured its speed still has its epochs to
-    fit when resumed: one budget row, and N < 1000 epochs trained, not the 1000 of --epochs."""
+    fit when resumed: budget rows, and N < 1000 epochs trained, not the 1000 of --epochs."""
     def sigterm_instead(self, step):                  # as a SIGTERM in the run's first seconds
         signal.raise_signal(signal.SIGTERM)
         return False
@@ -705,8 +726,39 @@ def test_time_budget_of_a_run_stopped_before_fitting_it_is_fitted_on_resume(tmp_
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 1
     assert run_main(args + ["--resume"], tmp_path) == 0
     budget = [r for r in read_log(tmp_path / "run") if r["kind"] == "budget"]
-    assert len(budget) == 1 and budget[0]["steps"] < 8 * 1000, budget
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == budget[0]["steps"]
+    assert 1 <= len(budget) <= 4 and budget[-1]["steps"] < 8 * 1000, budget
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == budget[-1]["steps"]
+
+
+def test_time_budget_measures_again_as_the_speed_drifts(monkeypatch):
+    """A machine that speeds up after the first steps (as a CPU does) would end a budget early if the
+    length were fitted once: the budget measures again at each quarter, from the steps since the
+    last fit, so the last fit ends the run on time."""
+    clock = [0.0]
+    monkeypatch.setattr(runtime.time, "time", lambda: clock[0])
+    budget, step, fits = runtime.Budget(1.0), 0, []                      # 60 s
+    total = None
+    while total is None or step < total:
+        if budget.ready(step):
+            left, _ = budget.steps_left(step)
+            total = step + left
+            fits.append(total)
+        clock[0] += 1.0 if step < 10 else 0.5                           # 1 s a step, then 0.5 s
+        step += 1
+    assert len(fits) == 4 and fits[0] < fits[-1]
+    assert fits[0] == 10 + 50 and 59 <= clock[0] <= 61                  # first fit: 50 more s at 1 s a step
+
+
+def test_schedules_resized_twice_continue_from_the_table_in_use():
+    """Fitting a budget more than once resizes the schedule from the table in use (not from the formula
+    for the old length): the steps done are kept, and every row goes on from its current value."""
+    cfg, spe = sit.Config(epochs=10, warmup_epochs=1, lr=1e-3, batch_size=256), 10
+    first = train.schedule_for(cfg, spe, 60, sit.schedules(cfg, spe), step=20)
+    second = train.schedule_for(cfg, spe, 40, first, step=30)
+    assert torch.equal(second[:, :30], first[:, :30])
+    assert torch.allclose(second[:, 30], first[:, 30]) and torch.allclose(second[:, 40], sit.schedules(cfg, spe)[:, -1])
+    diff = second[:, 1:] - second[:, :-1]
+    assert (diff[0, 10:] <= 0).all() and (diff[1:] >= 0).all()          # lr falls after warm-up; wd, m rise
 
 
 CLOCK_SKEW = """import os, time
@@ -718,7 +770,7 @@ if os.environ.get("RANK") == "1":                    # this process's clock runs
 
 def test_time_budget_under_torchrun_with_clocks_that_differ(tmp_path):
     """Under torchrun the ranks fit the budget at the same step even when their clocks disagree
-    (here rank 1's runs 3x slow, as a host running ahead of its GPU would measure): one budget row,
+    (here rank 1's runs 3x slow, as a host running ahead of its GPU would measure): budget rows,
     the run ends after those epochs on both ranks with identical replicas, instead of one rank
     all-reducing alone (a hang, or gloo aborting)."""
     (tmp_path / "skew").mkdir()
@@ -732,8 +784,8 @@ def test_time_budget_under_torchrun_with_clocks_that_differ(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     rows = read_log(out)
     budget = [r for r in rows if r["kind"] == "budget"]
-    assert len(budget) == 1 and budget[0]["steps"] < 8 * 1000
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == budget[0]["steps"]
+    assert 1 <= len(budget) <= 4 and budget[-1]["steps"] < 8 * 1000
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == budget[-1]["steps"]
     assert [r["max_abs_diff"] for r in rows if r["kind"] == "replicas"] == [0.0]
 
 

@@ -10,6 +10,7 @@
 ckpt.pt at every epoch end, every --save-every minutes and on Ctrl-C or SIGTERM (any rank), so that
 --resume loses nothing it could keep. The machinery around it is in runtime.py.
 """
+import copy
 import math
 import os
 import sys
@@ -187,18 +188,18 @@ def stepper(model, opt, u, generator, mean, std, compile_=False, cuda_graphs=Fal
     return run
 
 
-def schedule_for(cfg, spe, total, old_total=None, step=0):
-    """sit.schedules for `total` steps. Resized mid-run (from old_total, at `step`), each schedule goes
-    on from where it is with a half cosine to its end value at the new end (the lr after its warm-up)."""
+def schedule_for(cfg, spe, total, current=None, step=0):
+    """sit.schedules for `total` steps. Resized mid-run (`current`, the table in use, at `step`), the past is
+    kept and each schedule goes on from where it is with a half cosine to its end value at the new end
+    (the lr after its warm-up)."""
     new = sit.schedules(cfg, spe, total)
-    if old_total in (None, total) or step == 0:
+    if current is None or step == 0:
         return new
-    old = sit.schedules(cfg, spe, old_total)
     for row, start in enumerate([max(step, int(cfg.warmup_epochs * spe)), step, step]):
         if start < total:
             s = torch.arange(total + 1 - start) / (total - start)
-            now, end = old[row, min(start, old_total)], new[row, -1]
-            new[row, :start] = old[row, :start] if start <= old_total else new[row, :start]
+            now, end = current[row, min(start, current.shape[1] - 1)], new[row, -1]
+            new[row, :start] = current[row, :start] if start < current.shape[1] else new[row, :start]
             new[row, start:] = end + (now - end) * 0.5 * (1 + torch.cos(math.pi * s))
     return new
 
@@ -289,7 +290,8 @@ def train(cfg, run, resumed, rank, world, device, train_set, bank, test_set):
             dist.all_gather_object(states, gen.get_state())
         if rank == 0:
             runtime.save_checkpoint_or_exit(path, cfg, model, opt.state_dict(), step, step // spe,
-                                            dict(generators=states, budget_pending=pending, total_steps=total), run)
+                                            dict(generators=states, budget_pending=pending, total_steps=total,
+                                                 schedule=opt.schedule[:, :total + 1].cpu()), run)
         return time.time()
 
     def knn():
@@ -326,7 +328,8 @@ def train(cfg, run, resumed, rank, world, device, train_set, bank, test_set):
                 log.write(kind="step", step=step, epoch=step / spe, loss=loss, loss_recons=recons, loss_contr=contr,
                           lr=lr, wd=wd, momentum=m, img_s=img_s, skipped=skipped)
                 window, t_log = 0, time.time()
-            ready = pending and (not run.compile or step_fn.compile_seconds is not None) and budget.ready(step)
+            ready = (pending or budget.fits) and (not run.compile or step_fn.compile_seconds is not None) \
+                and budget.ready(step)
             signum = stop.signal or 0
             save_now = run.save_every and time.time() - saved_at >= 60 * run.save_every
             if world > 1:   # the ranks agree at log steps, where the loop syncs anyway
@@ -374,7 +377,8 @@ def restore(resumed, cfg, run, model, opt, gen, rank, world, spe):
     if rank == 0:
         print(f"resuming {run.out} at epoch {step // spe}, step {step}" + (
             f"; its schedules now end at step {total} instead of {old_total}" if total != old_total else ""))
-    return step, total, pending, schedule_for(cfg, spe, total, old_total, step)
+    current = extra.get("schedule", sit.schedules(cfg, spe, old_total))   # the table the run used, if saved
+    return step, total, pending, current if total == old_total else schedule_for(cfg, spe, total, current, step)
 
 
 def resumed_length(ckpt, cfg, run, given, spe):
@@ -401,8 +405,8 @@ def fit_budget(budget, step, total, cfg, spe, opt, world, device, log, rank, run
     runtime.sync(device)
     left, step_s = budget.steps_left(step)
     new = int(runtime.agree([min(step + max(left, 1), cfg.epochs * spe)], world, device, op="min")[0])
-    table = schedule_for(cfg, spe, new, total, step).to(device)           # in place: nothing recompiles
-    opt.schedule.copy_(torch.cat([table, table[:, -1:].expand(-1, total - new)], 1))
+    table = schedule_for(cfg, spe, new, opt.schedule[:, :total + 1].cpu(), step).to(device)
+    opt.schedule.copy_(torch.cat([table, table[:, -1:].expand(-1, opt.schedule.shape[1] - 1 - new)], 1))  # in place
     if rank == 0:
         runtime.write_json(os.path.join(run.out, "config.json"), {**vars(cfg), **vars(run), "total_steps": new})
         tqdm.write(f"time budget {run.time_budget:g} min at {cfg.batch_size / step_s:,.0f} img/s "
@@ -448,12 +452,35 @@ def bench(cfg, run):
                       compile_, run.cuda_graphs)
     label = f"{cfg.model} ({cfg.dim}/{cfg.depth}/{cfg.heads}) P{cfg.patch_size} {cfg.img_size}px"
     label += " bf16" if bf16 else " fp32"
-    result = runtime.bench(run.bench, lambda: step_fn(images), flops.get_total_flops(), cfg.batch_size, device,
-                           label, compile_, run.peak_tflops, warmup=10 if compile_ else 3)
+    plain, ratios = plain_step(copy.deepcopy(model), inputs, bf16), []
+    for _ in range(3):  # alternated, since a machine's speed drifts: the project's step, then the yardstick
+        ours = runtime.bench(run.bench, lambda: step_fn(images), flops.get_total_flops(), cfg.batch_size, device,
+                             label, compile_, run.peak_tflops, warmup=10 if compile_ else 3)
+        base = runtime.bench(run.bench, plain, flops.get_total_flops(), cfg.batch_size, device, label + " plain",
+                             False, run.peak_tflops, warmup=3)
+        ratios.append(base["ms_step"] / ours["ms_step"])
+    print(f"bench: this step runs {sorted(ratios)[1]:.3f}x as fast as a plain eager step of the same model "
+          f"(median of 3 alternations: {', '.join(f'{r:.3f}' for r in ratios)}; the plain step makes no views "
+          f"and no corruption)")
     (loss, _, _), skipped, _ = opt.read()
     if not math.isfinite(loss) or skipped:
         raise SystemExit(f"train.py: error: --bench: the loss is {loss} ({skipped} steps skipped)")
-    return result
+    return dict(ours, speedup=sorted(ratios)[1])
+
+
+def plain_step(model, inputs, bf16):
+    """--bench's yardstick: the same model's step in plain eager PyTorch (forward, backward,
+    torch.optim.AdamW, teacher EMA) on views and corruption made once beforehand. Not for training."""
+    opt = torch.optim.AdamW(model.student.parameters(), lr=1e-4, foreach=True)
+
+    def step():
+        with torch.autocast(inputs[0].device.type, torch.bfloat16, enabled=bf16):
+            loss = model(*inputs)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_teacher(0.99)
+    return step
 
 
 def main(argv=None):
