@@ -87,10 +87,10 @@ def finish(proc, timeout=300):
 
 def torchrun_to_the_end(args, out):
     """(returncode, stderr) of a torchrun run into `out` awaited to its end. A gloo worker was seen to
-    abort now and then (SIGABRT, about 2 launches in 100, on an older loop); 100 launches in a row
-    with faulthandler, core dumps and c10d debug logs (40 of this loop, 60 of the older one) did not
-    abort once, so its cause is not known: such a launch is continued once with --resume, which must
-    then end as if never stopped (the promise under test)."""
+    abort now and then (SIGABRT, about 2 launches in 100, on an older loop); 153 launches in a row
+    with faulthandler (100 also with core dumps and c10d debug logs; 93 of this loop, 60 of the older
+    one) did not abort once, so its cause is not known: such a launch is continued once with --resume,
+    which must then end as if never stopped (the promise under test)."""
     proc = run_torchrun(args + ["--out", str(out)])
     _, err = finish(proc)
     if proc.returncode != 0 and "exitcode  : -6" in err:  # --resume also starts one that never saved
