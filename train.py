@@ -450,8 +450,8 @@ def bench(cfg, run):
     opt = AdamW(model, sit.schedules(cfg, 100), device, bf16=bf16)
     step_fn = stepper(model, opt, torch.empty(uniforms_per_step(cfg, images.shape), device=device), gen, mean, std,
                       compile_, run.cuda_graphs)
-    label = f"{cfg.model} ({cfg.dim}/{cfg.depth}/{cfg.heads}) P{cfg.patch_size} {cfg.img_size}px"
-    label += " bf16" if bf16 else " fp32"
+    precision = "bf16" if bf16 else "fp32"
+    label = f"{cfg.model} ({cfg.dim}/{cfg.depth}/{cfg.heads}) P{cfg.patch_size} {cfg.img_size}px {precision}"
     plain, ratios = plain_step(copy.deepcopy(model), inputs, bf16), []
     for _ in range(3):  # alternated, since a machine's speed drifts: the project's step, then the yardstick
         ours = runtime.bench(run.bench, lambda: step_fn(images), flops.get_total_flops(), cfg.batch_size, device,
@@ -459,13 +459,11 @@ def bench(cfg, run):
         base = runtime.bench(run.bench, plain, flops.get_total_flops(), cfg.batch_size, device, label + " plain",
                              False, run.peak_tflops, warmup=3)
         ratios.append(base["ms_step"] / ours["ms_step"])
-    print(f"bench: this step runs {sorted(ratios)[1]:.3f}x as fast as a plain eager step of the same model "
-          f"(median of 3 alternations: {', '.join(f'{r:.3f}' for r in ratios)}; the plain step makes no views "
-          f"and no corruption)")
+    print(f"bench: this step runs {sorted(ratios)[1]:.3f}x as fast as a plain eager step of the same model (median of "
+          f"3 alternations: {', '.join(f'{r:.3f}' for r in ratios)}; the plain step makes no views and no corruption)")
     (loss, _, _), skipped, _ = opt.read()
     if not math.isfinite(loss) or skipped:
         raise SystemExit(f"train.py: error: --bench: the loss is {loss} ({skipped} steps skipped)")
-    return dict(ours, speedup=sorted(ratios)[1])
 
 
 def plain_step(model, inputs, bf16):
