@@ -346,23 +346,24 @@ def solarize(x, p):
     return torch.where(on & (x >= 0.5), 1 - x, x)
 
 
-def augment(x, size, blur_p, solarize_p):
+def augment(x, size, blur_p, solarize_p, crop_min):
     """One view: uint8 (B, C, S, S) -> float (B, 3, size, size) in [0, 1]. Larger images (STL-10's 96 px
     for 32 px training) are first shrunk to `size` with antialiasing by `to_unit`, as `prepare` does:
     cropping and shrinking in one bilinear grid_sample would alias, and train and test sharpness would differ."""
     x = to_unit(x, size)
-    x = random_resized_crop(x, size)
+    x = random_resized_crop(x, size, scale=(crop_min, 1.0))
     x = random_grayscale(color_jitter(x))
     # The reference blurs 224 px images with sigma in [0.1, 2]: the same relative blur is sigma x size / 224
     x = gaussian_blur(x, blur_p, sigma=(0.1 * size / 224, 2.0 * size / 224))
     return solarize(x, solarize_p)
 
 
-def two_views(x, size, mean, std):
-    """The two normalised views of a uint8 batch, stacked (2B, 3, size, size): [view 1; view 2].
-    View 1: blur p 1.0. View 2: blur p 0.1, solarize p 0.2 (as in BYOL/DINO and the reference)."""
-    v1 = augment(x, size, blur_p=1.0, solarize_p=0.0)
-    v2 = augment(x, size, blur_p=0.1, solarize_p=0.2)
+def two_views(x, size, mean, std, crop_min=0.2):
+    """The two normalised views of a uint8 batch, stacked (2B, 3, size, size): [view 1; view 2]. Crops
+    of area share ~U(crop_min, 1); view 1: blur p 1.0; view 2: blur p 0.1, solarize p 0.2 (as in
+    BYOL/DINO and the reference)."""
+    v1 = augment(x, size, 1.0, 0.0, crop_min)
+    v2 = augment(x, size, 0.1, 0.2, crop_min)
     return normalize(torch.cat([v1, v2]), mean, std)
 
 

@@ -95,6 +95,8 @@ TRAIN_FLAGS = {  # field: (help, rule); every field of sit.Config and Run
     "img_size": ("H = W, training image side in pixels", allowed(1, kind=INT)),
     "patch_size": ("P, patch side in pixels (H must be a multiple)", allowed(1, kind=INT)),
     "in_chans": ("C, image channels", ((lambda v: v == 3), "3 (gray images are repeated to 3 channels)")),
+    "crop_min": ("smallest area share of each view's random crop (crop area ~ U(crop_min, 1))",
+                 allowed(0, 1, open_lo=True)),
     "drop_path": ("student stochastic depth rate at the last block (linear in depth)", allowed(0, 1, open_hi=True)),
     "proj_hidden": ("projection head hidden width", allowed(1, kind=INT)),
     "proj_dim": ("projection head output width (contrastive embedding)", allowed(1, kind=INT)),

@@ -37,6 +37,7 @@ class Config:
     img_size: int = 32            # H = W, pixels
     patch_size: int = 4           # P, pixels
     in_chans: int = 3             # C (gray images are repeated to 3 channels)
+    crop_min: float = 0.2         # views: each crop's area share ~ U(crop_min, 1)
     drop_path: float = 0.1        # student stochastic depth at the last block, linear in depth
     proj_hidden: int = 4096       # projection head hidden width
     proj_dim: int = 256           # projection head output width

@@ -157,6 +157,27 @@ def test_two_views_shape_range_and_seed():
     unit = data.denormalize(a, mean, std)
     assert not torch.allclose(unit[:8], unit[8:])                  # the two views differ
 
+def test_crop_min_is_the_smallest_crop_area(tmp_path, monkeypatch):
+    """Each crop's area share, read off an image that holds its own pixel coordinates, is at least
+    --crop-min (3/4 of it where the aspect drawn makes a side reach the border), and a run crops every
+    view with the --crop-min given."""
+    S = 64
+    ramp = torch.linspace(0, 1, S)
+    x = torch.stack([ramp.view(1, S).expand(S, S), ramp.view(S, 1).expand(S, S), torch.zeros(S, S)])
+    x = x.expand(256, 3, S, S)
+
+    def areas(lo):
+        crop = drawn(0, data.random_resized_crop, x, S, (lo, 1.0))
+        span = crop.amax((2, 3)) - crop.amin((2, 3))                 # (B, 3): width and height shares
+        return span[:, 0] * span[:, 1]
+    assert areas(0.6).min() >= 0.75 * 0.6 * 0.95 and areas(0.2).min() < 0.3
+    scales = []
+    crop = data.random_resized_crop
+    monkeypatch.setattr(data, "random_resized_crop", lambda *a, **kw: scales.append(kw["scale"]) or crop(*a, **kw))
+    assert run_main(TINY + ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "1",
+                            "--crop-min", "0.6"], tmp_path) == 0
+    assert len(scales) == 3 * 2 and set(scales) == {(0.6, 1.0)}   # 2 views: counting the draws, then 2 steps
+
 
 def test_gray_images_become_three_channels():
     """Gray uint8 images (C = 1) give 3 equal channels in [0, 1]."""
@@ -894,7 +915,7 @@ def test_failed_log_write_is_one_line(tmp_path, monkeypatch, capsys):
 # a value other than the run's for every flag (the run: TINY + FINISHED below)
 RESUME_CHANGED = {
     "model": "small", "dim": "64", "depth": "3", "heads": "4", "mlp_ratio": "2", "img_size": "32", "patch_size": "8",
-    "in_chans": None, "drop_path": "0.2", "proj_hidden": "128", "proj_dim": "32", "drop_perc": "0.7",
+    "in_chans": None, "crop_min": "0.5", "drop_path": "0.2", "proj_hidden": "128", "proj_dim": "32", "drop_perc": "0.7",
     "drop_replace": "0.5", "drop_align": "2", "drop_type": "zeros", "max_block": "0.5", "alpha": "1", "tau": "0.1",
     "epochs": "5", "batch_size": "16", "lr": "1e-3", "min_lr": "1e-5", "warmup_epochs": "2", "weight_decay": "0.05",
     "weight_decay_end": "0.2", "momentum_teacher": "0.99", "clip_grad": "1", "clip_mode": "per-tensor",

@@ -35,7 +35,7 @@ def train_step(model, opt, x, mean, std):
     finite is skipped, changing nothing, and counted (as AMP's grad scaler does)."""
     cfg = model.cfg
     lr, wd, m = opt.schedule[:, opt.step.view(1)].view(3)                    # this step's column of (3, T + 1)
-    clean = data.two_views(x, cfg.img_size, mean, std)                      # (2B, 3, H, W): [view 1; view 2]
+    clean = data.two_views(x, cfg.img_size, mean, std, cfg.crop_min)         # (2B, 3, H, W): [view 1; view 2]
     corrupted, mask = model.corrupt(clean)                                   # GMML; mask (2B, 1, H, W)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=opt.bf16):
         out = model(clean, corrupted, mask)                                  # L_total = alpha L_recons + L_contr
@@ -150,7 +150,8 @@ def uniforms_per_step(cfg, x_shape):
     """How many numbers one step draws: its random parts run once, counting, on the meta device."""
     with torch.device("meta"):
         model, x, stats = sit.SiT(cfg), torch.zeros(x_shape, dtype=torch.uint8), data.stats("")
-        return rng.count(lambda: model.student.backbone(model.corrupt(data.two_views(x, cfg.img_size, *stats))[0]))
+        views = lambda: data.two_views(x, cfg.img_size, *stats, cfg.crop_min)    # noqa: E731
+        return rng.count(lambda: model.student.backbone(model.corrupt(views())[0]))
 
 
 def stepper(model, opt, u, generator, mean, std, compile_=False, cuda_graphs=False, backend="inductor", say=False):
@@ -442,7 +443,7 @@ def bench(cfg, run):
                            device=device, generator=gen)
     model, (mean, std), bf16 = sit.SiT(cfg).to(device), data.IMAGENET_STATS, runtime.bf16(run, device, cfg.dim)
     with rng.source(gen):
-        clean = data.two_views(images, cfg.img_size, mean, std)
+        clean = data.two_views(images, cfg.img_size, mean, std, cfg.crop_min)
         inputs = (clean, *model.corrupt(clean))
     with FlopCounterMode(display=False) as flops, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         model(*inputs)["loss"].backward()                               # forward + backward, inputs excluded
