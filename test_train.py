@@ -815,14 +815,14 @@ def test_time_budget_under_torchrun_with_clocks_that_differ(tmp_path):
 @pytest.mark.skipif(not os.path.exists(os.path.join(data.FASHION_MNIST_DEBIAN, "train-images-idx3-ubyte.gz")),
                     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; .ci/run does)")
 def test_pretraining_on_fashion_mnist_beats_random_init(tmp_path):
-    """A seeded CPU pretraining of well under a minute on Fashion-MNIST (a 64-wide, 2-block ViT, 256
-    steps) raises the teacher's k-NN accuracy at least 5 points above the same encoder at random init
-    (measured: 59.5 -> 66.7)."""
+    """A seeded CPU pretraining on Fashion-MNIST (a 64-wide, 2-block ViT, 128 steps, crops of at least
+    half the image, which learn faster than the paper's 0.2 at this length) raises the teacher's k-NN
+    accuracy at least 5 points above the same encoder at random init (measured: 59.5 -> 66.9)."""
     t = time.time()
     code = run_main(["--dataset", "fashion-mnist", "--device", "cpu", "--model", "tiny", "--dim", "64",
                      "--depth", "2", "--heads", "2", "--img-size", "28", "--patch-size", "7",
                      "--proj-hidden", "256", "--proj-dim", "128", "--limit", "4096", "--batch-size", "128",
-                     "--epochs", "8", "--warmup-epochs", "0.5", "--lr", "5e-3", "--alpha", "1",
+                     "--epochs", "4", "--warmup-epochs", "0.5", "--lr", "5e-3", "--alpha", "1", "--crop-min", "0.5",
                      "--momentum-teacher", "0.9", "--knn-every", "0", "--log-every", "1000", "--seed", "0"],
                     tmp_path)
     seconds = time.time() - t
