@@ -42,7 +42,6 @@ EVAL_BAD = {
     "--warmup-epochs": ["-1", "nan"],
     "--weight-decay": ["-0.05"],
     "--layer-decay": ["0", "1.5", "-0.75"],
-    "--crop-min": ["0", "1.5", "nan"],
     "--drop-path": ["1", "-0.1"],
     "--crop-min": ["0", "1.2"],
     "--randaug-n": ["-1"],

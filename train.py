@@ -150,8 +150,8 @@ def uniforms_per_step(cfg, x_shape):
     """How many numbers one step draws: its random parts run once, counting, on the meta device."""
     with torch.device("meta"):
         model, x, stats = sit.SiT(cfg), torch.zeros(x_shape, dtype=torch.uint8), data.stats("")
-        views = lambda: data.two_views(x, cfg.img_size, *stats, cfg.crop_min)    # noqa: E731
-        return rng.count(lambda: model.student.backbone(model.corrupt(views())[0]))
+        return rng.count(lambda: model.student.backbone(model.corrupt(
+            data.two_views(x, cfg.img_size, *stats, cfg.crop_min))[0]))
 
 
 def stepper(model, opt, u, generator, mean, std, compile_=False, cuda_graphs=False, backend="inductor", say=False):
