@@ -207,8 +207,7 @@ class PatchEmbed(nn.Module):
 class ViT(nn.Module):
     """Vision transformer: patch embedding, one CLS token, learned positions, pre-norm blocks."""
 
-    def __init__(self, img_size=32, patch_size=4, in_chans=3, dim=384, depth=12, heads=6,
-                 mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, dim=384, depth=12, heads=6, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.patch_size, self.grid = patch_size, img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
