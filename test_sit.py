@@ -78,11 +78,11 @@ def test_config_drop_align_defaults_to_patch_size():
 
 
 def test_config_rejects_shapes_that_do_not_fit():
-    """img_size not a multiple of patch_size, or dim not a multiple of heads, raise ValueError (the
-    range of each value is the command line's check: test_flags.py)."""
-    with pytest.raises(ValueError):
+    """img_size not a multiple of patch_size, or dim not a multiple of heads, raise ValueError naming both flags
+    (the range of each value is the command line's check: test_flags.py)."""
+    with pytest.raises(ValueError, match="--img-size 30 is not a multiple of --patch-size 4"):
         sit.Config(img_size=30, patch_size=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="--dim 30 is not a multiple of --heads 4"):
         sit.Config(dim=30, heads=4)
 
 
@@ -639,6 +639,7 @@ def test_drop_path_rates_linear_in_depth_and_none_in_the_teacher():
     assert [b.drop_path for b in model.student.backbone.blocks] == pytest.approx([0.0, 0.05, 0.1])
     assert [b.drop_path for b in model.teacher.backbone.blocks] == [0.0, 0.0, 0.0]
     assert [b.drop_path for b in sit.ViT(16, 4, 3, 8, 1, 2, drop_path=0.2).blocks] == [0.0]
+    assert [b.drop_path for b in sit.ViT(16, 4, 3, 8, 2, 2, drop_path=0.2).blocks] == [0.0, 0.2]
 
 
 def test_sit_forward_returns_the_mask_it_was_given():
@@ -872,3 +873,59 @@ def test_gmml_mask_image_short_of_its_share_keeps_all_blocks_next_to_one_that_re
     expected[:, :, :4, :4] = True
     expected[1, :, 12:, 12:] = True
     assert torch.equal(mask, expected)
+
+
+def test_vit_decoder_and_head_written_out_by_hand():
+    """The backbone, the decoder and the projection head against their layers written out in plain torch on a
+    float64 toy with random weights: patches by reshaping (pixels (c, p, q) in the conv's order), CLS first,
+    positions added, a pre-norm block (LayerNorm eps 1e-6, softmax attention, exact GELU), the final norm; the
+    decoder's 3 x (Linear, GELU) and per-token pixels (p, q, c); the head's Linear-BN-ReLU-Linear-BN-GELU-
+    Linear-BN (no affine; batch statistics), its width --proj-dim. Parameters in timm's shapes."""
+    B, C, S, P, D, h = 3, 3, 16, 4, 32, 2
+    g, N = S // P, (S // P) ** 2
+    model = sit.SiT(tiny_cfg(depth=1, proj_dim=12)).double().train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)                                        # no zero bias, no unit LayerNorm
+    vit, dec, head = model.student.backbone, model.student.decoder, model.student.head
+    assert (vit.cls_token.shape, vit.pos_embed.shape) == ((1, 1, D), (1, 1 + N, D))
+    x = torch.randn(B, C, S, S, dtype=torch.float64)
+
+    def ln(t, m):
+        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+        return t * m.weight + m.bias
+
+    def lin(t, m):
+        return t @ m.weight.T + m.bias
+
+    def gelu(t):
+        return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
+
+    patches = x.reshape(B, C, g, P, g, P).permute(0, 2, 4, 1, 3, 5).reshape(B, N, C * P * P)
+    emb = patches @ vit.patch_embed.proj.weight.reshape(D, -1).T + vit.patch_embed.proj.bias
+    t = torch.cat([vit.cls_token.reshape(1, 1, D).expand(B, 1, D), emb], 1) + vit.pos_embed
+    blk = vit.blocks[0]
+    q, k, v = lin(ln(t, blk.norm1), blk.attn.qkv).reshape(B, 1 + N, 3, h, D // h).permute(2, 0, 3, 1, 4)
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // h), -1) @ v    # (B, h, 1 + N, D/h)
+    t = t + lin(att.transpose(1, 2).reshape(B, 1 + N, D), blk.attn.proj)
+    t = ln(t + lin(gelu(lin(ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2), vit.norm)
+    torch.testing.assert_close(vit(x), t, rtol=1e-9, atol=1e-9)
+
+    y = t[:, 1:]
+    for i in range(3):
+        y = gelu(lin(y, dec.mlp[2 * i]))
+    pix = lin(y, dec.to_pixels)                                      # (B, N, P*P*C)
+    bb, cc, yy, xx = torch.meshgrid(*(torch.arange(n) for n in (B, C, S, S)), indexing="ij")
+    image = pix[bb, (yy // P) * g + xx // P, ((yy % P) * P + xx % P) * C + cc]
+    torch.testing.assert_close(dec(t[:, 1:], S, S), image, rtol=1e-9, atol=1e-9)
+
+    def bn(t, m=None):
+        t = (t - t.mean(0)) / (t.var(0, unbiased=False) + 1e-5).sqrt()
+        return t if m is None else t * m.weight + m.bias
+
+    cls = torch.randn(2 * B, D, dtype=torch.float64)
+    n = head.net
+    z = bn(lin(gelu(bn(lin(bn(lin(cls, n[0]), n[1]).clamp(min=0), n[3]), n[4])), n[6]))
+    out = head(cls)
+    assert out.shape == (2 * B, 12) and len(n) == 8
+    torch.testing.assert_close(out, z, rtol=1e-9, atol=1e-9)
