@@ -210,6 +210,10 @@ def init_distributed(run, batch_size):
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        # Imported before the group exists: its functions' defaults (group=group.WORLD) are bound at import, and
+        # imported later (torch._dynamo does, on the first meta-device op) they keep the group alive after
+        # destroy_process_group, so gloo's threads outlive it and can abort the interpreter's exit (SIGABRT).
+        import torch.distributed.nn  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if batch_size % world:
             raise ValueError(f"--batch-size {batch_size} is not divisible by the {world} processes")
