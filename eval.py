@@ -3,7 +3,8 @@
 As in the SiT paper (arXiv 2104.03602): full fine-tuning (DeiT recipe), linear probes and few-shot accuracy on frozen
 features; k-NN on CLS features (weighted vote, k = 20, T = 0.07, as in DINO) is the cheap monitor. Each run prints a
 table and appends one JSON line to --results (default: results.jsonl beside the checkpoint); see the README.
-Shapes: N images, D token width, F feature width (D, or 2D with --mean-patch), C classes, B batch.
+Shapes: N images, D token width, F feature width (n D with --last-blocks n, twice that with --mean-patch),
+C classes, B batch.
 """
 import argparse
 import json
@@ -35,9 +36,11 @@ class EvalError(ValueError):
 # === Frozen features and k-NN (train.py's monitor uses these two)
 
 @torch.no_grad()
-def features(backbone, images, size, mean, std, batch_size=512, mean_patch=False):
+def features(backbone, images, size, mean, std, batch_size=512, mean_patch=False, last_blocks=1):
     """CLS features (N, D), float32, of uint8 images (N, C, S, S) on the backbone's device; mean_patch
-    appends the mean of the patch tokens, giving (N, 2D)."""
+    appends the mean of the patch tokens, giving (N, 2D). last_blocks n: those of each of the last n
+    blocks, each through the final norm, side by side (N, nD or 2nD), as DINO's linear probes of small
+    ViTs (which take the CLS tokens of the last 4 blocks, and the patch mean of the last only)."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -45,9 +48,13 @@ def features(backbone, images, size, mean, std, batch_size=512, mean_patch=False
     for i in range(0, len(images), batch_size):
         x = data.prepare(images[i:i + batch_size].to(device), size, mean, std)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = backbone(x)                                      # (B, 1 + N, D)
-        f = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1) if mean_patch else tokens[:, 0]
-        out.append(f.float())
+            blocks, x = [], backbone.embed(x)
+            for block in backbone.blocks:                             # ViT.forward, keeping each block's tokens
+                x = block(x)
+                blocks.append(x)
+            tokens = [backbone.norm(t) for t in blocks[-last_blocks:]]  # each (B, 1 + N, D)
+        f = [torch.cat([t[:, 0], t[:, 1:].mean(1)], 1) if mean_patch else t[:, 0] for t in tokens]
+        out.append(torch.cat(f, 1).float())
     backbone.train(was_training)
     return torch.cat(out)
 
@@ -244,20 +251,24 @@ def run_frozen(args, backbone, train, test):
         xs = [torch.cat([data.prepare(d.images[i:i + 1024].to(device), args.img_size, train.mean, train.std)
                          .flatten(1) for i in range(0, len(d), 1024)]) for d in (train, test)]
     else:
-        xs = [features(backbone, d.images, args.img_size, train.mean, train.std, mean_patch=args.mean_patch)
-              for d in (train, test)]
+        if args.last_blocks > len(backbone.blocks):
+            raise EvalError(f"--last-blocks {args.last_blocks}: the encoder has {len(backbone.blocks)} blocks")
+        xs = [features(backbone, d.images, args.img_size, train.mean, train.std, mean_patch=args.mean_patch,
+                       last_blocks=args.last_blocks) for d in (train, test)]
     task = xs[0], train.labels.to(xs[0].device), xs[1], test.labels.to(xs[0].device), train.num_classes
     if args.mode == "knn":
-        return dict(accuracy=knn_accuracy(*task, k=args.k), k=args.k, T=0.07, mean_patch=args.mean_patch)
+        return dict(accuracy=knn_accuracy(*task, k=args.k), k=args.k, T=0.07, mean_patch=args.mean_patch,
+                    last_blocks=args.last_blocks)
     if args.mode == "linear":
         acc, details = linear_probe(*task, args.seed, steps=args.probe_steps)
-        return dict(accuracy=acc, mean_patch=args.mean_patch, probe_steps=args.probe_steps, **details)
+        return dict(accuracy=acc, mean_patch=args.mean_patch, last_blocks=args.last_blocks,
+                    probe_steps=args.probe_steps, **details)
     seeds = list(range(args.seed, args.seed + args.seeds))
     runs = fewshot(*task, args.shots, seeds, args.fewshot_wd, args.probe_steps)
     return dict(accuracy={str(K): statistics.mean(r) for K, r in runs.items()},
                 std={str(K): statistics.stdev(r) if len(r) > 1 else 0.0 for K, r in runs.items()},
                 runs={str(K): r for K, r in runs.items()}, seeds=seeds, weight_decay=args.fewshot_wd,
-                mean_patch=args.mean_patch, probe_steps=args.probe_steps)
+                mean_patch=args.mean_patch, last_blocks=args.last_blocks, probe_steps=args.probe_steps)
 
 
 def run_finetune(args, backbone, train, test):
@@ -322,6 +333,8 @@ FLAGS = {
     "--results": (str, None, "JSON-lines file to append to; None = results.jsonl beside the checkpoint",
                   (lambda v: v != "" and not os.path.isdir(v), "a file to append to (not a folder)")),
     "--k": (int, 20, "k-NN: neighbours", allowed(1, kind=INT)),
+    "--last-blocks": (int, 1, "knn/linear/fewshot: features of each of the last N blocks, side by side",
+                      allowed(1, kind=INT)),
     "--probe-steps": (int, 500, "linear/fewshot: most L-BFGS iterations per fit", allowed(1, kind=INT)),
     "--shots": (str, "1,5,10,25", "fewshot: K labelled images per class, comma-separated",
                 (lambda v: all(s.strip().isascii() and s.strip().isdigit() and int(s) >= 1 for s in v.split(",")),
@@ -375,6 +388,10 @@ def parse_args(argv):
     args.shots = [int(s) for s in args.shots.split(",")]
     if args.raw_pixels and args.mode == "finetune":
         p.error("--raw-pixels: a frozen-feature baseline (knn, linear, fewshot), not for --mode finetune")
+    for flag, given in (("--mean-patch", args.mean_patch), ("--last-blocks", args.last_blocks != 1)):
+        if given and (args.mode == "finetune" or args.raw_pixels):
+            p.error(f"{flag}: chooses frozen encoder features (knn, linear, fewshot), not for "
+                    f"{'--raw-pixels' if args.raw_pixels else '--mode finetune'}")
     if args.layer_decay is None:   # a random encoder has no pretrained lower layers to protect
         args.layer_decay = 1.0 if args.random_init else 0.75
     args.results = args.results or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results.jsonl")

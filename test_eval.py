@@ -84,6 +84,26 @@ def test_linear_mode_chooses_a_weight_decay(ckpt):
     assert 80 <= line["accuracy"] <= 100           # 93.4 measured; chance 10
 
 
+def test_last_blocks_features_written_out(ckpt):
+    """--last-blocks 2 --mean-patch: each of the last 2 blocks' tokens through the final norm, CLS and
+    patch mean, side by side; --last-blocks 1 is the encoder's own output; too many blocks: one line."""
+    vit, _, _ = ev.encoder(ev.parse_args([ckpt, "--mode", "knn"]), torch.device("cpu"))
+    images = data.synthetic(train=False, n=8).images
+    mean, std = data.STATS["synthetic"]
+    got = ev.features(vit, images, 16, mean, std, mean_patch=True, last_blocks=2)
+    with torch.no_grad():
+        x = data.prepare(images, 16, mean, std)
+        tokens = torch.cat([vit.cls_token.expand(8, -1, -1), vit.patch_embed(x)], 1) + vit.pos_embed
+        first = vit.blocks[0](tokens)
+        a, b = vit.norm(first), vit.norm(vit.blocks[1](first))
+        want = torch.cat([a[:, 0], a[:, 1:].mean(1), b[:, 0], b[:, 1:].mean(1)], 1)   # (8, 4 x 32)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(ev.features(vit, images, 16, mean, std, last_blocks=1), vit(x)[:, 0])
+    _, line = run(ckpt, "--mode", "linear", "--limit", "256", "--last-blocks", "2", "--probe-steps", "50")
+    assert line["last_blocks"] == 2 and 10 < line["accuracy"] <= 100
+    assert "--last-blocks 3: the encoder has 2 blocks" in one_line_error([ckpt, "--mode", "knn", "--last-blocks", "3"])
+
+
 def test_fewshot_mode_reports_mean_and_std_per_k(ckpt):
     _, line = run(ckpt, "--mode", "fewshot", "--shots", "1,5", "--seeds", "2", "--seed", "7", "--limit", "256",
                   "--probe-steps", "50")

@@ -32,6 +32,7 @@ EVAL_BAD = {
     "--results": ["{dir}", ""],
     "--k": ["0", "-3"],
     "--probe-steps": ["0"],
+    "--last-blocks": ["0", "-1", "1.5"],
     "--shots": ["0", "1,-5", "1,,5", "a", ""],
     "--seeds": ["0"],
     "--fewshot-wd": ["-1e-3", "nan", "inf"],
@@ -134,6 +135,11 @@ def test_every_flag_has_bad_values_here(script):
 def test_flag_combinations_are_refused(ckpt, capsys):
     err = refused(ev, "eval.py", [str(ckpt), "--mode", "finetune", "--raw-pixels", "--epochs", "1"], ckpt, capsys)
     assert "--raw-pixels" in err
+    for flags in (["--mean-patch"], ["--last-blocks", "2"]):      # frozen features only: never dropped
+        err = refused(ev, "eval.py", [str(ckpt), "--mode", "finetune", *flags, "--epochs", "1"], ckpt, capsys)
+        assert flags[0] in err and "--mode finetune" in err
+        err = refused(ev, "eval.py", [str(ckpt), "--mode", "knn", "--raw-pixels", *flags], ckpt, capsys)
+        assert flags[0] in err and "--raw-pixels" in err
     err = refused(visualize, "visualize.py", [str(ckpt), "--attention", "--curves"], ckpt, capsys)
     assert "--curves" in err and "--attention" in err
 
