@@ -256,19 +256,18 @@ def run_frozen(args, backbone, train, test):
         xs = [features(backbone, d.images, args.img_size, train.mean, train.std, mean_patch=args.mean_patch,
                        last_blocks=args.last_blocks) for d in (train, test)]
     task = xs[0], train.labels.to(xs[0].device), xs[1], test.labels.to(xs[0].device), train.num_classes
+    chosen = dict(mean_patch=args.mean_patch, last_blocks=args.last_blocks)   # which features
     if args.mode == "knn":
-        return dict(accuracy=knn_accuracy(*task, k=args.k), k=args.k, T=0.07, mean_patch=args.mean_patch,
-                    last_blocks=args.last_blocks)
+        return dict(accuracy=knn_accuracy(*task, k=args.k), k=args.k, T=0.07, **chosen)
     if args.mode == "linear":
         acc, details = linear_probe(*task, args.seed, steps=args.probe_steps)
-        return dict(accuracy=acc, mean_patch=args.mean_patch, last_blocks=args.last_blocks,
-                    probe_steps=args.probe_steps, **details)
+        return dict(accuracy=acc, probe_steps=args.probe_steps, **chosen, **details)
     seeds = list(range(args.seed, args.seed + args.seeds))
     runs = fewshot(*task, args.shots, seeds, args.fewshot_wd, args.probe_steps)
     return dict(accuracy={str(K): statistics.mean(r) for K, r in runs.items()},
                 std={str(K): statistics.stdev(r) if len(r) > 1 else 0.0 for K, r in runs.items()},
                 runs={str(K): r for K, r in runs.items()}, seeds=seeds, weight_decay=args.fewshot_wd,
-                mean_patch=args.mean_patch, last_blocks=args.last_blocks, probe_steps=args.probe_steps)
+                probe_steps=args.probe_steps, **chosen)
 
 
 def run_finetune(args, backbone, train, test):
@@ -386,12 +385,12 @@ def parse_args(argv):
     args = p.parse_args(argv)
     runtime.check_flags(p, args, {flag: rule for flag, (*_, rule) in FLAGS.items()})
     args.shots = [int(s) for s in args.shots.split(",")]
-    if args.raw_pixels and args.mode == "finetune":
-        p.error("--raw-pixels: a frozen-feature baseline (knn, linear, fewshot), not for --mode finetune")
-    for flag, given in (("--mean-patch", args.mean_patch), ("--last-blocks", args.last_blocks != 1)):
-        if given and (args.mode == "finetune" or args.raw_pixels):
-            p.error(f"{flag}: chooses frozen encoder features (knn, linear, fewshot), not for "
-                    f"{'--raw-pixels' if args.raw_pixels else '--mode finetune'}")
+    for flag, given in (("--raw-pixels", args.raw_pixels), ("--mean-patch", args.mean_patch),
+                        ("--last-blocks", args.last_blocks != 1)):   # frozen features only: never dropped
+        if given and args.mode == "finetune":
+            p.error(f"{flag}: for frozen features (knn, linear, fewshot), not for --mode finetune")
+        if given and args.raw_pixels and flag != "--raw-pixels":
+            p.error(f"{flag}: chooses encoder features, not for --raw-pixels")
     if args.layer_decay is None:   # a random encoder has no pretrained lower layers to protect
         args.layer_decay = 1.0 if args.random_init else 0.75
     args.results = args.results or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results.jsonl")
