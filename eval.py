@@ -415,6 +415,7 @@ def evaluate(args):
 
 
 def main(argv=None):
+    runtime.keep_freed_memory()
     args = parse_args(argv)
     try:
         r = evaluate(args)

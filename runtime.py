@@ -2,6 +2,7 @@
 checkpoints, the log, signals, the ranks' agreement under torchrun, the time budget. A bad command-line value is
 one line `SCRIPT: error: --flag VALUE: must be ...`, exit status 2, before anything is read or written."""
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -225,6 +226,18 @@ def bf16(run, device, dim):
     avx512_bf16; the 128-wide laptop ViT measured no faster)."""
     cpu = device.type == "cpu" and os.path.exists("/proc/cpuinfo") and "bf16" in open("/proc/cpuinfo").read()
     return (device.type == "cuda" or cpu and dim >= 192) if run.bf16 is None else run.bf16
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed CPU memory for the next step instead of giving it back to the system.
+    By default it maps blocks of over 128 KiB to 32 MiB afresh and trims the heap's free top, so every step's
+    activations page-fault again (10,000 to 28,000 faults a step for the laptop ViT at batch 128): this made
+    that step 6 to 16% faster, and steadier. Other C libraries: nothing changes."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "gnu_get_libc_version"):
+            libc.mallopt(-3, 32 << 20)                                   # M_MMAP_THRESHOLD: glibc's largest
+            libc.mallopt(-1, 2 ** 31 - 1)                                # M_TRIM_THRESHOLD: (almost) never trim
 
 
 def sync(device):

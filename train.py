@@ -484,6 +484,7 @@ def plain_step(model, inputs, bf16):
 
 def main(argv=None):
     cfg = None
+    runtime.keep_freed_memory()
     try:
         try:  # set-up: a mistake in the input is one line on stderr and exit code 2
             cfg, run, given, resumed = configure(argv)
