@@ -342,8 +342,7 @@ class SiT(nn.Module):
         """theta_t <- m theta_t + (1 - m) theta_s over the teacher's parameters; m a float or 0-dim tensor."""
         student = dict(self.student.named_parameters())              # same names, plus the decoder
         t_params, s_params = zip(*[(p, student[name]) for name, p in self.teacher.named_parameters()])
-        torch._foreach_mul_(t_params, m)
-        torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1 - m))
+        torch._foreach_lerp_(t_params, s_params, 1 - m)
 
 
 # === Losses

@@ -44,9 +44,7 @@ def train_step(model, opt, x, mean, std):
         all_reduce_mean_(grads)                                              # data parallel, one all-reduce
     norms = torch.stack(torch._foreach_norm(grads))                         # (n,) one per tensor
     ok = norms.sum().isfinite() & lr.isfinite() & wd.isfinite()
-    grads = [torch.where(ok, g, 0.0) for g in grads]
-    if cfg.clip_grad > 0:
-        clip_grad_norm_(grads, cfg.clip_grad, cfg.clip_mode == "per-tensor", torch.where(ok, norms, 0.0))
+    clip_grad_norm_(grads, cfg.clip_grad, cfg.clip_mode == "per-tensor", norms, ok)   # all 0 if not ok
     adamw_(opt, grads, lr, wd, ok)
     model.update_teacher(torch.where(ok, m, 1.0))                            # theta_t <- m theta_t + (1 - m) theta_s
     opt.step += 1
@@ -103,36 +101,37 @@ class AdamW:
 @torch.no_grad()
 def adamw_(opt, grads, lr, wd, ok, betas=(0.9, 0.999), eps=1e-8):
     """AdamW (Loshchilov and Hutter) as torch.optim.AdamW, over lists of tensors with 0-dim lr, wd and
-    step count (torch.optim's step() would break the graph). ok False: nothing changes."""
+    step count (torch.optim's step() would break the graph). ok False (grads then 0): nothing changes."""
     b1, b2 = betas
     opt.t.add_(ok.long())
     t = opt.t.clamp(min=1)
     torch._foreach_mul_(opt.decay, torch.where(ok, 1 - lr * wd, 1.0))         # decoupled weight decay
-    torch._foreach_mul_(opt.exp_avg, torch.where(ok, b1, 1.0))               # m <- b1 m + (1 - b1) g
-    torch._foreach_add_(opt.exp_avg, grads, alpha=1 - b1)
+    torch._foreach_lerp_(opt.exp_avg, grads, torch.where(ok, 1 - b1, 0.0))   # m <- b1 m + (1 - b1) g
     torch._foreach_mul_(opt.exp_avg_sq, torch.where(ok, b2, 1.0))            # v <- b2 v + (1 - b2) g^2
     torch._foreach_addcmul_(opt.exp_avg_sq, grads, grads, value=1 - b2)
     denom = torch._foreach_sqrt(opt.exp_avg_sq)
-    torch._foreach_div_(denom, (1 - b2 ** t).sqrt())                          # sqrt(v / (1 - b2^t))
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(opt.exp_avg, denom)
-    torch._foreach_mul_(update, torch.where(ok, -lr / (1 - b1 ** t), 0.0))    # - lr m / (1 - b1^t) / denom
-    torch._foreach_add_(opt.params, update)
+    torch._foreach_div_(denom, (1 - b2 ** t).sqrt())
+    torch._foreach_add_(denom, eps)                                          # sqrt(v / (1 - b2^t)) + eps
+    # p <- p - lr m / (1 - b1^t) / denom; a step size of 0 (not ok, or lr 0) divides denom to inf: p + 0
+    torch._foreach_div_(denom, torch.where(ok, -lr / (1 - b1 ** t), 0.0))
+    torch._foreach_addcdiv_(opt.params, opt.exp_avg, denom)
 
 
 @torch.no_grad()
-def clip_grad_norm_(grads, max_norm, per_tensor=False, norms=None):
-    """Scale `grads` in place so that their L2 norm is at most `max_norm` (no host sync).
+def clip_grad_norm_(grads, max_norm, per_tensor=False, norms=None, ok=True):
+    """Scale `grads` in place so that their L2 norm is at most `max_norm` (0: no clipping), without a host
+    sync; ok False (a step to skip): to 0, non-finite values included. norms: the tensors' norms, if known.
 
     Differs from the reference code (per_tensor: each parameter tensor clipped on its own): one
-    global norm, the usual choice, keeps the update's direction. norms: the tensors' norms, if known.
+    global norm, the usual choice, keeps the update's direction.
     """
     norms = torch.stack(torch._foreach_norm(grads)) if norms is None else norms   # (n,)
-    if per_tensor:
-        for g, n in zip(grads, norms):
-            g.mul_((max_norm / (n + 1e-6)).clamp(max=1.0))
-        return
-    torch._foreach_mul_(grads, (max_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0))
+    total = norms if per_tensor else torch.linalg.vector_norm(norms)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0) if max_norm > 0 else norms.new_ones(())
+    scale = torch.where(torch.as_tensor(ok), scale, 0.0)                      # () or (n,) per tensor
+    for g in grads:
+        g.nan_to_num_(0.0, 0.0, 0.0)                                         # so that 0 x g is 0
+    torch._foreach_mul_(grads, list(scale.unbind()) if scale.ndim else scale)
 
 
 def all_reduce_mean_(tensors):
