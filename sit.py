@@ -342,7 +342,8 @@ class SiT(nn.Module):
         """theta_t <- m theta_t + (1 - m) theta_s over the teacher's parameters; m a float or 0-dim tensor."""
         student = dict(self.student.named_parameters())              # same names, plus the decoder
         t_params, s_params = zip(*[(p, student[name]) for name, p in self.teacher.named_parameters()])
-        torch._foreach_lerp_(t_params, s_params, 1 - m)
+        w = torch.as_tensor(1 - m, device=t_params[0].device)          # as 0-dim tensors, never read on the host
+        torch._foreach_lerp_(t_params, s_params, [w] * len(t_params))
 
 
 # === Losses

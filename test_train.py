@@ -464,6 +464,21 @@ def tiny_step(compile_=False, seed=1, **kw):
     return run, model, opt
 
 
+@pytest.mark.parametrize("clip_mode", ["global", "per-tensor"])
+def test_the_eager_step_reads_nothing_on_the_host(clip_mode):
+    """An eager step (a CUDA run with --no-compile, or MPS) never waits for the device: no tensor is read
+    into a Python number (aten::_local_scalar_dense, what .item() and a tensor passed as a scalar do)."""
+    from torch.profiler import profile
+    step, _, opt = tiny_step(clip_mode=clip_mode)
+    images = data.synthetic(train=True, n=16).images
+    step(images)
+    with profile() as prof:
+        step(images)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::lerp_" in ops and "aten::_local_scalar_dense" not in ops
+    assert opt.read()[1] == 0
+
+
 def test_whole_step_is_one_graph_and_matches_eager():
     """torch.compile(fullgraph=True) takes the whole step (views, GMML on both, forward, backward,
     clipping, AdamW, teacher EMA) as one graph, and compiled steps compute what eager ones do: the

@@ -106,7 +106,7 @@ def adamw_(opt, grads, lr, wd, ok, betas=(0.9, 0.999), eps=1e-8):
     opt.t.add_(ok.long())
     t = opt.t.clamp(min=1)
     torch._foreach_mul_(opt.decay, torch.where(ok, 1 - lr * wd, 1.0))         # decoupled weight decay
-    torch._foreach_lerp_(opt.exp_avg, grads, torch.where(ok, 1 - b1, 0.0))   # m <- b1 m + (1 - b1) g
+    torch._foreach_lerp_(opt.exp_avg, grads, [torch.where(ok, 1 - b1, 0.0)] * len(grads))  # m <- b1 m + (1 - b1) g
     torch._foreach_mul_(opt.exp_avg_sq, torch.where(ok, b2, 1.0))            # v <- b2 v + (1 - b2) g^2
     torch._foreach_addcmul_(opt.exp_avg_sq, grads, grads, value=1 - b2)
     denom = torch._foreach_sqrt(opt.exp_avg_sq)
