@@ -167,15 +167,16 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def find_images(folder):
-    return sorted(os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True)
-                  for f in names if f.lower().endswith(IMAGE_EXTS))
+    paths = sorted(os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True)
+                   for f in names if f.lower().endswith(IMAGE_EXTS))
+    if not paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found under {folder}")
+    return paths
 
 
 def load_folder(folder, size):
     """Every image under `folder` (recursively), unlabelled; unreadable files are skipped and counted."""
     paths = find_images(folder)
-    if not paths:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found under {folder}")
     if len(paths) * 3 * size * size > MEMORY_BUDGET:
         return ImageData(None, None, *IMAGENET_STATS, files=ImageFiles([(p, -1) for p in paths], size))
     data = decode_files([(p, -1) for p in paths], size, 0)
@@ -185,9 +186,8 @@ def load_folder(folder, size):
     return data
 
 
-def decode_files(items, size, num_classes, workers=None):
+def decode_files(items, size, num_classes, workers=min(8, os.cpu_count() or 1)):
     """Decode every file once with DataLoader workers into one uint8 tensor (N, 3, S, S)."""
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(ImageFiles(items, size), batch_size=64, num_workers=workers, collate_fn=list)
     pairs = [pair for batch in loader for pair in batch]
     kept = [(img, label) for img, label in pairs if img.numel() > 0]   # an empty image: unreadable

@@ -117,9 +117,8 @@ def main(argv=None):
         pth, meta, record = export(args.checkpoint, args.format, args.student, args.out)
     except (runtime.CheckpointError, ExportError, OSError) as e:
         p.error(str(e))
-    py = python_lines(record, pth)                              # the same lines, with the path from here
     print(f"wrote {pth} ({record['encoder']} encoder, {args.format} layout) and {meta}")
-    print(f"{py['imports']}\n{py['build']}\n{py['load']}\n{py['use']}")
+    print("\n".join(python_lines(record, pth).values()))      # the same lines, with the path from here
     print(f"mean = {tuple(record['mean'])}, std = {tuple(record['std'])}")
     return record
 

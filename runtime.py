@@ -457,12 +457,6 @@ class Budget:
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}  # bf16
 
 
-def peak_tflops(device, given):
-    """The peak TFLOP/s for MFU: --peak-tflops when given, else a known GPU's bf16 dense peak, else None."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return given or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
 def bench(steps, run_step, flops, batch_size, device, label, compiled, given_peak, warmup):
     """Time `steps` calls of run_step() (the loop's own step) after `warmup` calls; print one line."""
     t = time.perf_counter()
@@ -485,7 +479,8 @@ def bench(steps, run_step, flops, batch_size, device, label, compiled, given_pea
     step_s = (time.perf_counter() - t) / steps
     device_ms = f"{start.elapsed_time(end) / steps:.2f} ms/step (CUDA events)" if cuda else "not timed (no CUDA)"
     name = torch.cuda.get_device_name(device) if cuda else device.type
-    tflops, peak = flops / step_s / 1e12, peak_tflops(device, given_peak)
+    # the peak for MFU: --peak-tflops when given, else a known GPU's bf16 dense peak, else none
+    tflops, peak = flops / step_s / 1e12, given_peak or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     mfu = f"MFU {100 * tflops / peak:.3g}% of {peak:g}" if peak else "MFU not known (no --peak-tflops)"
     print(f"bench {label} batch {batch_size} {'compiled' if compiled else 'eager'} on {name}: "
           f"{batch_size / step_s:,.0f} img/s, {step_s * 1e3:.1f} ms/step, {tflops:.3g} TFLOP/s, {mfu}; "

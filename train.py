@@ -386,13 +386,8 @@ def resumed_length(ckpt, cfg, run, given, spe):
     --time-budget may lengthen or shorten it; ValueError when nothing is left to do."""
     step, extra = ckpt["step"], ckpt["extra"]
     old_total = extra.get("total_steps", ckpt["config"]["epochs"] * spe)
-    total, pending = old_total, extra.get("budget_pending", False)
-    if "epochs" in given:
-        total = cfg.epochs * spe
-    if "time_budget" in given:
-        pending = bool(run.time_budget)
-    if pending:                                       # the budget fits the length, up to --epochs
-        total = cfg.epochs * spe
+    pending = bool(run.time_budget) if "time_budget" in given else extra.get("budget_pending", False)
+    total = cfg.epochs * spe if "epochs" in given or pending else old_total   # a budget to fit: up to --epochs
     if total <= step:
         raise ValueError(f"the run in {run.out} has done its {step} steps ({step / spe:g} epochs); --resume with "
                          f"--epochs N (N > {step / spe:g}, and --time-budget MIN to fit it to a time) extends it")

@@ -74,11 +74,7 @@ def load_images(args, cfg, dataset, data_dir):
     name, data_dir = args.dataset or dataset, args.data_dir or data_dir
     folder = args.images or (name if name not in data.DATASETS and os.path.isdir(name) else None)  # or trained on one
     if folder:  # decodes only the first n images (sorted paths), where data.load(folder) would decode them all
-        if not os.path.isdir(folder):
-            raise data.DataError(f"no such folder: {folder}")
         paths = data.find_images(folder)
-        if not paths:
-            raise data.DataError(f"no images ({', '.join(data.IMAGE_EXTS)}) found under {folder}")
         images = data.decode_files([(p, -1) for p in paths[:args.n]], cfg.img_size, 0, workers=0).images
         if not len(images):
             raise data.DataError(f"none of the first {min(args.n, len(paths))} image files under {folder} "
@@ -162,20 +158,7 @@ def read_log(path):
 
 
 def with_keys(records, keys):
-    """The records in which every key holds a number."""
     return [r for r in records if all(isinstance(r.get(k), (int, float)) for k in keys)]
-
-
-def add_epoch_axis(ax, epochs):
-    """A top axis in epochs. train.py logs epoch = step / steps per epoch, so one epoch line with epoch > 0 gives
-    the steps per epoch; without one there is no axis."""
-    spe = [r["step"] / r["epoch"] for r in with_keys(epochs, ["epoch"]) if r["epoch"] > 0 and r["step"] > 0]
-    if not spe:
-        return
-    top = ax.secondary_xaxis("top", functions=(lambda s: s / spe[0], lambda e: e * spe[0]))
-    top.set_xlabel("epoch", fontsize=8)
-    top.xaxis.set_major_locator(MaxNLocator(integer=True))
-    top.tick_params(labelsize=7)
 
 
 def curves_figure(steps, epochs, path):
@@ -186,6 +169,8 @@ def curves_figure(steps, epochs, path):
         raise LogError(f"{path} has no 'step' or 'epoch' line with all of step, {', '.join(LOSSES)}, lr")
     last = max(epochs + train, key=lambda r: r["step"])              # for the title
     knn = with_keys(epochs, ("step", "knn"))
+    # train.py logs epoch = step / steps per epoch: one epoch line with epoch > 0 gives the steps per epoch
+    spe = [r["step"] / r["epoch"] for r in with_keys(epochs, ["epoch"]) if r["epoch"] > 0 and r["step"] > 0]
     fig = Figure(figsize=(12, 3.5), dpi=DPI, layout="constrained")
     ax_loss, ax_lr, ax_knn = fig.subplots(1, 3, sharex=True)
     x = [r["step"] for r in train]
@@ -202,7 +187,11 @@ def curves_figure(steps, epochs, path):
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        add_epoch_axis(ax, epochs)
+        if spe:                                                     # a top axis in epochs
+            top = ax.secondary_xaxis("top", functions=(lambda s: s / spe[0], lambda e: e * spe[0]))
+            top.set_xlabel("epoch", fontsize=8)
+            top.xaxis.set_major_locator(MaxNLocator(integer=True))
+            top.tick_params(labelsize=7)
     epoch = last.get("epoch")
     epoch = "?" if epoch is None else f"{epoch:g}" if float(epoch).is_integer() else f"{epoch:.2f}"
     fig.suptitle(f"{path}  ·  step {last['step']}, epoch {epoch}", fontsize=9)
