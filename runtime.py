@@ -85,6 +85,25 @@ class Run:
     bench: int = 0
     peak_tflops: float = 0.0
     seed: int = 0
+    recipe: str = ""
+
+
+# === Recipes: named sets of flag values (a flag given on the command line overrides its recipe's value)
+LAPTOP = dict(dataset="fashion-mnist", device="cpu", model="tiny", dim=96, depth=4, heads=4, img_size=28,
+              patch_size=7, proj_hidden=1024, batch_size=64, epochs=100, warmup_epochs=1.0, lr=4e-3, alpha=1.0,
+              momentum_teacher=0.98, crop_min=1.0, knn_every=0)
+RECIPES = {  # name: (what it is, its measured result in one line, its flag values)
+    "cifar10-paper": ("the paper's CIFAR-10 setting (the defaults): ViT-S/4 at 32 px, alpha 5, 100 epochs",
+                      "not measured yet", dict(dataset="cifar10")),
+    "fmnist-20min": ("Fashion-MNIST in 20 minutes on 2 CPU cores: a 96-wide, 4-block ViT, patch 7 at 28 px",
+                     "k-NN 87.21, linear probe 86.39 (RESULTS.md)", dict(LAPTOP, time_budget=20.0)),
+    "fmnist-2min": ("the same in 2 minutes: enough to see it learn, not to judge it",
+                    "k-NN 68.53 at init, 82.99 after (RESULTS.md)", dict(LAPTOP, time_budget=2.0, warmup_epochs=0.1)),
+    "fmnist-gpu-6min": ("Fashion-MNIST in 6 minutes on one GPU: ViT-T/4 at 32 px, batch 256",
+                        "not measured yet", dict(dataset="fashion-mnist", model="tiny", img_size=32, patch_size=4,
+                                                 batch_size=256, epochs=1000, warmup_epochs=2.0, knn_every=10,
+                                                 time_budget=6.0)),
+}
 
 
 TRAIN_FLAGS = {  # field: (help, rule); every field of sit.Config and Run
@@ -139,6 +158,8 @@ TRAIN_FLAGS = {  # field: (help, rule); every field of sit.Config and Run
              ANY),
     "peak_tflops": ("peak TFLOP/s for --bench's MFU; 0 = known GPUs' bf16 dense peak, else no MFU", allowed(0)),
     "seed": ("random seed (data order, augmentation, corruption, init)", allowed(0, 2**32 - 1, kind=INT)),
+    "recipe": ("a named set of flag values (listed below); flags given override it; empty = none",
+               ((lambda v: v in ("", *RECIPES)), f"one of {', '.join(RECIPES)}")),
 }
 
 
@@ -148,7 +169,10 @@ def flag(name):
 
 def parse_train_args(argv=None):
     """(sit.Config, Run, the flags given on the command line); every value checked (ValueError)."""
-    p = Parser(prog="train.py", description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).", allow_abbrev=False)
+    argv = sys.argv[1:] if argv is None else argv
+    recipes = "\n".join(f"  {name:16} {text}; {result}" for name, (text, result, _) in RECIPES.items())
+    p = Parser(prog="train.py", description="Pretrain a ViT with SiT/GMML (arXiv 2104.03602).", allow_abbrev=False,
+               epilog=f"recipes (--recipe NAME):\n{recipes}", formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(sit.Config) + dataclasses.fields(Run):
         text = TRAIN_FLAGS[f.name][0]
         if f.type in (bool, "bool"):
@@ -156,18 +180,23 @@ def parse_train_args(argv=None):
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(flag(f.name), type=typ, default=f.default, help=f"{text} (default: {f.default})")
+    recipe = p.parse_known_args(argv)[0].recipe
+    problem = bad_value("--recipe", recipe, TRAIN_FLAGS["recipe"][1])
+    if problem:
+        raise ValueError(problem)
+    p.set_defaults(**(RECIPES[recipe][2] if recipe else {}))          # checked below as any flag's value
     args = p.parse_args(argv)                                       # a value of the wrong type: exit 2
     for name, (_, rule) in TRAIN_FLAGS.items():
         problem = bad_value(flag(name), getattr(args, name), rule)
         if problem:
             raise ValueError(problem)
     given = {a.dest for a in p._actions if a.option_strings and any(
-        s == o or s.startswith(o + "=") for s in (argv if argv is not None else sys.argv[1:])
+        s == o or s.startswith(o + "=") for s in argv
         for o in a.option_strings + [o.replace("--", "--no-", 1) for o in a.option_strings])}
     method = {f.name for f in dataclasses.fields(sit.Config)}
     cfg = sit.Config(**{k: v for k, v in vars(args).items() if k in method})
     run = Run(**{k: v for k, v in vars(args).items() if k not in method})
-    run.out = run.out or os.path.join("runs", os.path.basename(os.path.normpath(run.dataset)))
+    run.out = run.out or os.path.join("runs", run.recipe or os.path.basename(os.path.normpath(run.dataset)))
     return cfg, run, given
 
 

@@ -216,7 +216,14 @@ def configure(argv):
         if not run.resume:
             raise ValueError(f"{run.out} already holds a run; add --resume to continue it or choose another --out")
         resumed = runtime.load_checkpoint(ckpt)[1:]                     # (SiT on the CPU, checkpoint dict)
-        cfg, run = runtime.resumed_config(resumed[1]["config"], cfg, run, given)
+        if resumed[1].get("left_out"):
+            raise ValueError(f"{ckpt} is a released model (no optimizer state, no projection heads): it can be "
+                             f"evaluated and visualized, not resumed")
+        saved = resumed[1]["config"]
+        if saved.get("recipe") and "recipe" not in given:             # how it runs: as its recipe says
+            argv = sys.argv[1:] if argv is None else argv
+            cfg, run, given = runtime.parse_train_args(["--recipe", saved["recipe"], *argv])
+        cfg, run = runtime.resumed_config(saved, cfg, run, given)
     elif os.path.exists(os.path.join(run.out, "config.json")):          # killed before its first save
         if os.environ.get("RANK", "0") == "0":
             print(f"train.py: note: {run.out} holds a run that never saved a checkpoint; starting it afresh",
