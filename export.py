@@ -4,9 +4,12 @@
     python export.py runs/cifar10/ckpt.pt --format torchvision     # teacher, torchvision layout
     python export.py runs/cifar10/ckpt.pt --student                # the student instead
     python export.py runs/cifar10/finetuned.pt                     # fine-tuned encoder + its head
+    python export.py runs/cifar10/ckpt.pt --format release         # our checkpoint, small: to ship a model
 
-Writes `<name>.pth` (tensors, for torch.load(weights_only=True)) and `<name>.json` (architecture, normalisation, the
-Python lines that rebuild the model and load it strictly) beside the checkpoint. The encoder is the one eval.py
+`--format release` writes `<name>-release.pt`: the checkpoint in float16 without the optimizer and the projection
+heads, which eval.py, visualize.py and torch.hub load like any other (the model shipped in models/ is one).
+Otherwise it writes `<name>.pth` (tensors, for torch.load(weights_only=True)) and `<name>.json` (architecture,
+normalisation, the Python lines that rebuild the model and load it strictly) beside the checkpoint. The encoder is the one eval.py
 evaluates: the momentum teacher's backbone (as in DINO and MoCo v3). Neither timm nor torchvision is imported; the
 layouts are written out below. Shapes: D token width, N patches, P patch side, C channels, L depth, K classes.
 """
@@ -108,11 +111,20 @@ def main(argv=None):
     p = runtime.Parser(prog="export.py", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt written by train.py, or a finetuned.pt written by eval.py")
-    p.add_argument("--format", default="timm", choices=("timm", "torchvision"),
-                   help="key layout of the exported state dict")
+    p.add_argument("--format", default="timm", choices=("timm", "torchvision", "release"),
+                   help="key layout of the exported state dict, or release: our checkpoint, small (float16, "
+                        "no optimizer, no projection heads)")
     p.add_argument("--student", action="store_true", help="export the student's backbone, not the teacher's")
     p.add_argument("--out", help="path of the .pth (the .json goes beside it); None = beside the checkpoint")
     args = p.parse_args(argv)
+    if args.format == "release":
+        out = args.out or os.path.splitext(args.checkpoint)[0] + "-release.pt"
+        try:
+            runtime.release_checkpoint(args.checkpoint, out)
+        except (runtime.CheckpointError, OSError) as e:
+            p.error(str(e))
+        print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
+        return out
     try:
         pth, meta, record = export(args.checkpoint, args.format, args.student, args.out)
     except (runtime.CheckpointError, ExportError, OSError) as e:

@@ -292,6 +292,9 @@ def agree(values, world, device, op="max"):
 
 
 # === Checkpoints: plain types only, written atomically; one loader for train, eval, visualize, export
+MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")   # trained models shipped here
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or not one of ours (message fits on one line)."""
 
@@ -359,12 +362,39 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path} is not a SiT checkpoint written by this code")
     cfg = sit.Config.from_dict(ckpt["config"])
     model = sit.SiT(cfg).to(device)
-    try:
-        model.student.load_state_dict(ckpt["student"])
-        model.teacher.load_state_dict(ckpt["teacher"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+    left_out = tuple(ckpt.get("left_out", ()))                          # a released model: no projection heads
+    for part in ("student", "teacher"):
+        module = getattr(model, part)
+        try:
+            missing, unexpected = module.load_state_dict(ckpt[part], strict=not left_out)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+        if unexpected or any(not k.startswith(left_out) for k in missing):
+            raise CheckpointError(f"{path}: weights do not match its config ({(unexpected + missing)[0]})")
     return cfg, model, ckpt
+
+
+def release_checkpoint(path, out):
+    """Write a checkpoint to ship: `path`'s config, step, backbones and decoder in float16, without the projection
+    heads (only L_contr uses them) and the optimizer, so it cannot be resumed; what eval, visualize and torch.hub
+    need, loaded by load_checkpoint like any other."""
+    _, model, ckpt = load_checkpoint(path)
+    if ckpt.get("left_out"):
+        raise CheckpointError(f"{path} is already a released model")
+    parts = {name: {k: v.half() if v.is_floating_point() else v for k, v in getattr(model, name).state_dict().items()
+                    if not k.startswith("head.")} for name in ("student", "teacher")}
+    state = dict(ckpt, **parts, optimizer=None, extra={"total_steps": ckpt["extra"].get("total_steps")},
+                 left_out=["head."])
+    atomic_save(state, out)
+
+
+def output_folder(checkpoint):
+    """Where a script writes about `checkpoint` by default: its own folder, or runs/NAME for a model shipped in
+    this repository's models/ folder, so that using one writes nothing inside the repository."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    if folder == MODELS:
+        return os.path.join("runs", os.path.splitext(os.path.basename(checkpoint))[0])
+    return folder
 
 
 def load_encoder(path, student=False, device="cpu", drop_path=0.0):

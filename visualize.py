@@ -246,7 +246,8 @@ FLAGS = {  # flag: (type, default, help, valid when or None, [more argparse sett
               (os.path.isfile, "an existing log.jsonl file"), dict(metavar="FILE")),
     "--device": (str, "auto", "auto | cuda | mps | cpu (default: auto: cuda, then mps, then cpu)", None,
                  dict(choices=("auto", "cuda", "mps", "cpu"))),
-    "--out": (str, None, "PNG path (default: <ckpt folder>/reconstructions.png, attention.png, curves.png)",
+    "--out": (str, None, "PNG path (default: <ckpt folder>/reconstructions.png, attention.png, curves.png; "
+                         "runs/NAME/ for a model shipped in models/)",
               (lambda v: v != "" and not os.path.isdir(v), "a PNG file path (not a folder)")),
 }
 
@@ -273,7 +274,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         fig, name = make_figure(args)
-        out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", name)
+        out = args.out or os.path.join(runtime.output_folder(args.ckpt), name)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         fig.savefig(out, dpi=DPI)
     except (runtime.CheckpointError, data.DataError, LogError, ValueError, OSError) as e:
