@@ -2,11 +2,13 @@
 
 As in the SiT paper (arXiv 2104.03602): full fine-tuning (DeiT recipe), linear probes and few-shot accuracy on frozen
 features; k-NN on CLS features (weighted vote, k = 20, T = 0.07, as in DINO) is the cheap monitor. Each run prints a
-table and appends one JSON line to --results (default: results.jsonl beside the checkpoint); see the README.
+table and appends one JSON line to --results (default: results.jsonl beside the checkpoint, or in runs/NAME for a
+model shipped in models/); see the README.
 Shapes: N images, D token width, F feature width (n D with --last-blocks n, twice that with --mean-patch),
 C classes, B batch.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +25,7 @@ import data
 import rng
 import runtime
 import sit
-from runtime import INT, allowed
+from runtime import INT, allowed, one_of
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # linear probe grid: lambda of lambda/2 |W|^2
 VAL_SHARE = 0.1                                        # share of train held out to choose lambda
@@ -31,6 +33,10 @@ VAL_SHARE = 0.1                                        # share of train held out
 
 class EvalError(ValueError):
     """A request that cannot be met (device not available, too few images per class or per batch)."""
+
+
+class FlagError(EvalError):
+    """A flag's value that the data cannot meet (exit status 2, as a value refused when parsed)."""
 
 
 # === Frozen features and k-NN (train.py's monitor uses these two)
@@ -122,17 +128,40 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=0, grid=WEI
     return acc, dict(weight_decay=best, val_accuracy={f"{wd:g}": round(a, 2) for wd, a in val_acc.items()})
 
 
-def fewshot_indices(labels, num_classes, shots, seed):
-    """Indices (num_classes * shots,) of `shots` images per class, drawn without replacement by `seed`."""
+def per_class(labels, num_classes, count, seed):
+    """Indices of count(n_c) images of each class c (n_c: its images), drawn without replacement by `seed`, sorted."""
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     shuffled = labels.cpu()[perm]
     picks = []
     for c in range(num_classes):
-        mine = perm[shuffled == c][:shots]
-        if len(mine) < shots:
-            raise EvalError(f"class {c} has {len(mine)} training images, fewer than {shots} shots")
-        picks.append(mine)
-    return torch.cat(picks)
+        mine = perm[shuffled == c]
+        picks.append(mine[:count(c, len(mine))])
+    return torch.cat(picks).sort().values
+
+
+def fewshot_indices(labels, num_classes, shots, seed):
+    """Indices (num_classes * shots,) of `shots` images per class, drawn without replacement by `seed`."""
+    def count(c, n):
+        if n < shots:
+            raise EvalError(f"class {c} has {n} training images, fewer than {shots} shots")
+        return shots
+    return per_class(labels, num_classes, count, seed)
+
+
+def share_indices(labels, num_classes, share, seed, flag):
+    """Indices of a class-balanced `share` of the images (round(share n_c) of each class c), drawn by `seed`:
+    the same for every mode and every checkpoint. EvalError (naming `flag`) if a class would get none."""
+    def count(c, n):
+        k = round(share * n)
+        if not 0 < k <= n:
+            raise FlagError(f"{flag} {share:g} leaves class {c} ({n} images) with {k}")
+        return k
+    return per_class(labels, num_classes, count, seed)
+
+
+def take(d, idx):
+    """The images and labels of ImageData `d` at indices `idx`."""
+    return dataclasses.replace(d, images=d.images[idx], labels=d.labels[idx])
 
 
 def fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seeds, weight_decay, steps=500):
@@ -193,19 +222,20 @@ def smooth_targets(labels, num_classes, smoothing):
     return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
 
 
-def mix(x, targets, mixup, cutmix, rng, prob=1.0, switch_prob=0.5):
+def mix(x, targets, mixup, cutmix, host, prob=1.0, switch_prob=0.5):
     """Mixup or CutMix of images x (B, 3, H, W) and soft targets (B, C) with the reversed batch: with probability
     `prob`, by one lambda ~ Beta(alpha, alpha); CutMix with probability `switch_prob` when both are on; alpha 0 turns a
-    kind off. The CutMix box is clipped to the image, lambda corrected to its area. rng: numpy's (no device sync)."""
-    if (mixup <= 0 and cutmix <= 0) or rng.random() >= prob:
+    kind off. The CutMix box is clipped to the image, lambda corrected to its area. host: numpy's random generator
+    (no device sync)."""
+    if (mixup <= 0 and cutmix <= 0) or host.random() >= prob:
         return x, targets
-    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
+    use_cutmix = cutmix > 0 and (mixup <= 0 or host.random() < switch_prob)
     alpha = cutmix if use_cutmix else mixup
-    lam = float(rng.beta(alpha, alpha))
+    lam = float(host.beta(alpha, alpha))
     if use_cutmix:                                                    # a box of area share 1 - lam
         H, W = x.shape[-2:]
         h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = int(rng.integers(H)), int(rng.integers(W))
+        cy, cx = int(host.integers(H)), int(host.integers(W))
         top, bottom = max(cy - h // 2, 0), min(cy + h - h // 2, H)
         left, right = max(cx - w // 2, 0), min(cx + w - w // 2, W)
         x = x.clone()
@@ -216,30 +246,21 @@ def mix(x, targets, mixup, cutmix, rng, prob=1.0, switch_prob=0.5):
     return x, lam * targets + (1 - lam) * targets.flip(0)
 
 
-def finetune_epoch(model, opt, images, labels, test, stats, args, epoch, generator, host):
-    """One epoch over uint8 images (N, C, S, S) on the device; returns (mean loss, test top-1 %)."""
-    model.train()
-    size, (mean, std), C = args.img_size, stats, model.head.out_features
-    steps = len(images) // args.batch_size
-    order = data.epoch_order(len(images), epoch, args.seed).to(images.device)
-    total = torch.zeros((), device=images.device)
-    for s in range(steps):
-        set_lr(opt, sit.lr_at(epoch * steps + s, args, steps))       # warm-up, then cosine
-        idx = order[s * args.batch_size:(s + 1) * args.batch_size]
-        with rng.source(generator):
-            x = data.finetune_view(images[idx], size, mean, std, args.crop_min, args.randaug_n, args.randaug_m,
-                                   args.randaug_mstd, args.reprob)
-        t = smooth_targets(labels[idx], C, args.smoothing)
-        x, t = mix(x, t, args.mixup, args.cutmix, host, args.mixup_prob, args.mixup_switch_prob)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), t)                     # soft targets
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.detach()
-    acc = top1(model.head, features(model.backbone, test.images, size, mean, std), test.labels.to(images.device))
-    return total.item() / max(steps, 1), acc
+def finetune_step(model, opt, x, y, stats, args, lr, generator, host):
+    """One step on uint8 images x (B, C, S, S) with labels y (B,), on the device; returns the loss (a tensor)."""
+    set_lr(opt, lr)
+    with rng.source(generator):
+        x = data.finetune_view(x, args.img_size, *stats, args.crop_min, args.randaug_n, args.randaug_m,
+                               args.randaug_mstd, args.reprob)
+    t = smooth_targets(y, model.head.out_features, args.smoothing)
+    x, t = mix(x, t, args.mixup, args.cutmix, host, args.mixup_prob, args.mixup_switch_prob)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), t)                         # soft targets
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
 
 
 # === The four modes: each returns dict(accuracy=..., **details)
@@ -271,7 +292,9 @@ def run_frozen(args, backbone, train, test):
 
 
 def run_finetune(args, backbone, train, test):
-    """Fine-tune; saves finetuned.pt (state dict + config, plain types) beside the results file."""
+    """Fine-tune for --epochs, or for --time-budget minutes (the length fitted to the measured speed, --epochs its
+    bound; time spent evaluating not counted); top-1 on `test` at the end and at most about 10 epoch ends before.
+    Saves finetuned.pt (state dict + config, plain types) beside the results file."""
     torch.manual_seed(args.seed)                                      # the head's initialisation
     model = Classifier(backbone, train.num_classes).to(next(backbone.parameters()).device)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay), lr=0.0)
@@ -279,24 +302,42 @@ def run_finetune(args, backbone, train, test):
     if len(images) < args.batch_size:
         raise EvalError(f"--batch-size {args.batch_size} exceeds the {len(images)} training images")
     generator = torch.Generator(images.device).manual_seed(args.seed)
-    host, accs = np.random.default_rng(args.seed), []
+    host, accs, stats = np.random.default_rng(args.seed), [], (train.mean, train.std)
+    spe = len(images) // args.batch_size                              # steps per epoch
+    step, total, loss, done = 0, args.epochs * spe, torch.zeros((), device=images.device), [0]   # done: evaluated at
+    budget, start = runtime.Budget(args.time_budget) if args.time_budget else None, time.time()
     print(f"{'epoch':>7} {'loss':>7} {'top-1':>7} {'seconds':>8}")
-    start = time.time()
-    for epoch in range(args.epochs):
-        loss, acc = finetune_epoch(model, opt, images, labels, test, (train.mean, train.std), args,
-                                   epoch, generator, host)
-        accs.append(acc)
-        print(f"{epoch + 1:>7} {loss:>7.4f} {acc:>7.2f} {time.time() - start:>8.1f}")
+    model.train()
+    while step < total:
+        if step % spe == 0:
+            order = data.epoch_order(len(images), step // spe, args.seed).to(images.device)
+        idx = order[step % spe * args.batch_size:(step % spe + 1) * args.batch_size]
+        loss += finetune_step(model, opt, images[idx], labels[idx], stats, args, sit.lr_at(step, args, spe, total),
+                              generator, host)                        # warm-up, then cosine to step `total`
+        step += 1
+        if budget is not None and budget.ready(step):                 # the schedule's end moves with the fit
+            total = min(step + max(budget.steps_left(step)[0], 1), args.epochs * spe)
+        if step == total or step % spe == 0 and step - done[-1] >= total / 10:   # ~10 evaluations at epoch ends
+            t = time.time()
+            accs.append(top1(model.head, features(model.backbone, test.images, args.img_size, *stats),
+                             test.labels.to(images.device)))
+            if budget is not None:
+                budget.paused += time.time() - t
+            print(f"{step / spe:>7.2f} {loss.item() / (step - done[-1]):>7.4f} {accs[-1]:>7.2f} "
+                  f"{time.time() - start:>8.1f}")
+            loss.zero_()
+            done.append(step)
     name = "finetuned-random-init.pt" if args.random_init else "finetuned.pt"
     path = os.path.join(os.path.dirname(os.path.abspath(args.results)), name)
     runtime.atomic_save(dict(format="sit-finetuned-v1", config=vars(args.cfg), dataset=args.dataset,
                              num_classes=train.num_classes, model={k: v.cpu() for k, v in model.state_dict().items()},
-                             epoch=args.epochs, accuracy=accs[-1], torch_version=str(torch.__version__)), path)
+                             epoch=step / spe, accuracy=accs[-1], torch_version=str(torch.__version__)), path)
     recipe = ("lr batch_size min_lr warmup_epochs weight_decay layer_decay drop_path crop_min randaug_n randaug_m "
-              "randaug_mstd reprob mixup cutmix mixup_prob mixup_switch_prob smoothing").split()
-    # The headline is the last epoch: the best epoch is picked by looking at the test set.
-    return dict(accuracy=accs[-1], best_epoch_picked_on_test=max(accs), per_epoch=accs, finetune_epochs=args.epochs,
-                **{name: getattr(args, name) for name in recipe}, finetuned=path)
+              "randaug_mstd reprob mixup cutmix mixup_prob mixup_switch_prob smoothing time_budget").split()
+    # The headline is the last epoch: the best epoch is picked by looking at the evaluation split.
+    return dict(accuracy=accs[-1], best_epoch_picked_on_test=max(accs), per_epoch=accs,
+                evaluated_at_epoch=[d / spe for d in done[1:]], finetune_epochs=step / spe,
+                finetune_steps=step, **{name: getattr(args, name) for name in recipe}, finetuned=path)
 
 
 # === Command line
@@ -329,7 +370,8 @@ FLAGS = {
     "--data-dir": (str, None, "where datasets live; None = the checkpoint's", runtime.FOLDER),
     "--limit": (int, 0, "first N images of each split; 0 = all", allowed(0, kind=INT)),
     "--seed": (int, 0, "random seed (first seed of few-shot draws)", allowed(0, 2**32 - 1, kind=INT)),
-    "--results": (str, None, "JSON-lines file to append to; None = results.jsonl beside the checkpoint",
+    "--results": (str, None, "JSON-lines file to append to; None = results.jsonl beside the checkpoint (runs/NAME "
+                  "for a model shipped in models/)",
                   (lambda v: v != "" and not os.path.isdir(v), "a file to append to (not a folder)")),
     "--k": (int, 20, "k-NN: neighbours", allowed(1, kind=INT)),
     "--last-blocks": (int, 1, "knn/linear/fewshot: features of each of the last N blocks, side by side",
@@ -362,7 +404,24 @@ FLAGS = {
     "--mixup-prob": (float, 1.0, "finetune: probability that a batch is mixed", allowed(0, 1)),
     "--mixup-switch-prob": (float, 0.5, "finetune: probability of CutMix when both are on", allowed(0, 1)),
     "--smoothing": (float, 0.1, "finetune: label smoothing", allowed(0, 1)),
+    "--time-budget": (float, 0.0, "finetune: minutes of fine-tuning, the length fitted to the measured speed "
+                      "(--epochs its bound); 0 = --epochs", allowed(0)),
+    "--label-fraction": (float, 1.0, "share of the labelled training images used, class-balanced, drawn by --seed: "
+                         "the same images for every mode and checkpoint", allowed(0, 1, open_lo=True)),
+    "--val-share": (float, 0.0, "hold out this class-balanced share of the (used) training images and evaluate on "
+                    "it instead of the test split, which is then not read (to choose a recipe); 0 = off",
+                    allowed(0, 1, open_hi=True)),
+    "--recipe": (str, "mae", "", None),
 }
+FINETUNE_RECIPES = {  # name: (what it is, its flag values)
+    "mae": ("MAE's and DeiT's ImageNet recipe for 100 epochs (the defaults above)", {}),
+    "short": ("for runs of minutes: crops of the whole image and flips, no RandAugment, erasing or mixing",
+              dict(batch_size=64, crop_min=1.0, randaug_n=0, reprob=0.0, mixup=0.0, cutmix=0.0, warmup_epochs=1.0,
+                   lr=3e-3)),   # chosen on held-out training images: RESULTS.md
+}
+FLAGS["--recipe"] = FLAGS["--recipe"][:2] + (
+    "finetune: a named set of flag values, which flags given override: "
+    + "; ".join(f"{k}: {text}" for k, (text, _) in FINETUNE_RECIPES.items()), one_of(*FINETUNE_RECIPES))
 
 
 def make_parser():
@@ -382,9 +441,16 @@ def make_parser():
 
 def parse_args(argv):
     p = make_parser()
+    recipe = p.parse_known_args(argv)[0].recipe
+    if recipe in FINETUNE_RECIPES:                                     # else refused below, in one line
+        p.set_defaults(**FINETUNE_RECIPES[recipe][1])                 # checked as any flag's value
     args = p.parse_args(argv)
     runtime.check_flags(p, args, {flag: rule for flag, (*_, rule) in FLAGS.items()})
     args.shots = [int(s) for s in args.shots.split(",")]
+    if args.mode != "finetune":                                       # fine-tuning only: never dropped
+        for flag in ("--recipe", "--time-budget"):
+            if any(a == flag or a.startswith(flag + "=") for a in (argv if argv is not None else sys.argv[1:])):
+                p.error(f"{flag}: for --mode finetune, not for --mode {args.mode}")
     for flag, given in (("--raw-pixels", args.raw_pixels), ("--mean-patch", args.mean_patch),
                         ("--last-blocks", args.last_blocks != 1)):   # frozen features only: never dropped
         if given and args.mode == "finetune":
@@ -393,7 +459,7 @@ def parse_args(argv):
             p.error(f"{flag}: chooses encoder features, not for --raw-pixels")
     if args.layer_decay is None:   # a random encoder has no pretrained lower layers to protect
         args.layer_decay = 1.0 if args.random_init else 0.75
-    args.results = args.results or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results.jsonl")
+    args.results = args.results or os.path.join(runtime.output_folder(args.checkpoint), "results.jsonl")
     return args
 
 
@@ -405,13 +471,25 @@ def evaluate(args):
     args.cfg, args.img_size = info["cfg"], info["cfg"].img_size
     args.dataset = args.dataset or info["dataset"]
     args.data_dir = args.data_dir or info["config"].get("data_dir", "./data")
-    train, test = load_labelled(args, True), load_labelled(args, False)
+    train = load_labelled(args, True)
+    if args.label_fraction < 1:
+        train = take(train, share_indices(train.labels, train.num_classes, args.label_fraction, args.seed,
+                                          "--label-fraction"))
+    if args.val_share:                                                # the test split is not read
+        val = share_indices(train.labels, train.num_classes, args.val_share, args.seed + 1, "--val-share")
+        rest = torch.ones(len(train), dtype=torch.bool)
+        rest[val] = False
+        train, test = take(train, rest.nonzero()[:, 0]), take(train, val)
+    else:
+        test = load_labelled(args, False)
     out = (run_finetune if args.mode == "finetune" else run_frozen)(args, backbone, train, test)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return dict(dict(mode=args.mode, dataset=args.dataset, epochs=epochs, seeds=[args.seed]), **out,
                 device=name, seconds=round(time.time() - start, 2), checkpoint=os.path.abspath(args.checkpoint),
                 random_init=args.random_init, raw_pixels=args.raw_pixels, limit=args.limit,
-                n_train=len(train), n_test=len(test))
+                label_fraction=args.label_fraction, val_share=args.val_share,
+                evaluated_on="held-out training images" if args.val_share else "test", n_train=len(train),
+                n_test=len(test), recipe=args.recipe if args.mode == "finetune" else None)
 
 
 def main(argv=None):
@@ -419,18 +497,23 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         r = evaluate(args)
-    except ValueError as e:  # CheckpointError, DataError, EvalError, a device not here: one line
+    except FlagError as e:   # as a value refused when parsed
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # CheckpointError, DataError, EvalError, a device not here: one line, exit status 1
         sys.exit(f"eval.py: error: {e}")
     source = ("raw pixels (no encoder)" if r["raw_pixels"] else "random init encoder" if r["random_init"]
               else f"pretrained encoder (epoch {r['epochs']})")
-    print(f"\n{r['mode']} on {r['dataset']}, {source}, {r['device']}, {r['seconds']:.1f} s")
+    share = f", {100 * r['label_fraction']:g}% of the labels" if r["label_fraction"] < 1 else ""
+    print(f"\n{r['mode']} on {r['dataset']}{share}, {source}, {r['device']}, {r['seconds']:.1f} s, "
+          f"evaluated on {r['evaluated_on']} ({r['n_test']} images)")
     if r["mode"] == "fewshot":
         print(f"{'K':>4}  top-1 (mean +- std over {len(r['seeds'])} seeds)")
         for K, acc in r["accuracy"].items():
             print(f"{K:>4}  {acc:6.2f} +- {r['std'][K]:.2f}")
     elif r["mode"] == "finetune":
         print(f"top-1 after the last epoch  {r['accuracy']:.2f}")
-        print(f"(highest epoch {r['best_epoch_picked_on_test']:.2f}: picked on the test set, not a result)")
+        print(f"(highest epoch {r['best_epoch_picked_on_test']:.2f}: picked on the evaluation split, not a result)")
     else:
         print(f"top-1  {r['accuracy']:.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

@@ -4,6 +4,7 @@ augmentation of data.py (checked against PIL where PIL defines the op), and the 
 CPU only, seeded, no network; the whole file runs in well under a minute on 2 cores. Bad flag
 values are test_flags.py's."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -181,7 +182,7 @@ def test_finetune_headline_is_the_last_epoch_not_the_best(ckpt, monkeypatch):
     """Scripted epoch accuracies 50, 70, 60: the headline (JSON, table, finetuned.pt) is 60; 70 is
     only the clearly named secondary field."""
     accs = iter([50.0, 70.0, 60.0])
-    monkeypatch.setattr(ev, "finetune_epoch", lambda *a: (1.0, next(accs)))
+    monkeypatch.setattr(ev, "top1", lambda *a: next(accs))           # each epoch's evaluation
     record, line = run(ckpt, "--mode", "finetune", "--epochs", "3", "--batch-size", "64", "--limit", "64")
     assert line["accuracy"] == record["accuracy"] == 60.0 and line["per_epoch"] == [50.0, 70.0, 60.0]
     assert line["best_epoch_picked_on_test"] == 70.0 and "best" not in line
@@ -379,6 +380,90 @@ def test_finetune_view_shapes_switches_and_seed():
     plain = drawn(gen(5), data.finetune_view, x, 16, mean, std, crop_min=0.5, randaug_n=0, reprob=0)
     crop = data.normalize(drawn(gen(5), data.random_resized_crop, data.to_unit(x), 16, scale=(0.5, 1.0)), mean, std)
     assert torch.equal(plain, crop)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fewer labels, a held-out share, a time budget for fine-tuning
+# ------------------------------------------------------------------------------------------------
+
+def test_label_share_is_class_balanced_seeded_and_pinned():
+    """round(F n_c) images of each class c, drawn by the seed alone (pinned: the same on every run and
+    machine), sorted; another seed draws others; a share that leaves a class empty is refused."""
+    labels = torch.tensor([0] * 10 + [1] * 20 + [2] * 30)
+    idx = ev.share_indices(labels, 3, 0.1, seed=0, flag="--label-fraction")
+    assert torch.equal(torch.bincount(labels[idx], minlength=3), torch.tensor([1, 2, 3]))
+    assert idx.tolist() == sorted(idx.tolist()) and len(set(idx.tolist())) == 6
+    assert idx.tolist() == [3, 19, 25, 44, 47, 49]
+    assert torch.equal(idx, ev.share_indices(labels, 3, 0.1, seed=0, flag="--label-fraction"))
+    assert not torch.equal(idx, ev.share_indices(labels, 3, 0.1, seed=1, flag="--label-fraction"))
+    assert len(ev.share_indices(labels, 3, 1.0, seed=0, flag="--label-fraction")) == 60
+    with pytest.raises(ev.FlagError, match="--label-fraction 0.01 leaves class 0 .10 images. with 0"):
+        ev.share_indices(labels, 3, 0.01, seed=0, flag="--label-fraction")
+
+
+def test_every_mode_sees_the_same_labelled_images(ckpt, monkeypatch):
+    """--label-fraction gives knn, linear, fewshot and finetune (pretrained or random init) one subset."""
+    seen = []
+    def fake(args, backbone, train, test):
+        seen.append(train.labels.clone())
+        return dict(accuracy={"1": 0.0}, std={"1": 0.0}) if args.mode == "fewshot" else \
+            dict(accuracy=0.0, best_epoch_picked_on_test=0.0)
+    monkeypatch.setattr(ev, "run_frozen", fake)
+    monkeypatch.setattr(ev, "run_finetune", fake)
+    for flags in (["--mode", "knn"], ["--mode", "linear"], ["--mode", "fewshot"], ["--mode", "finetune"],
+                  ["--mode", "finetune", "--random-init"]):
+        _, line = run(ckpt, *flags, "--label-fraction", "0.25", "--seed", "3")
+        assert (line["label_fraction"], line["n_train"], line["evaluated_on"]) == (0.25, 510, "test")
+    assert all(torch.equal(seen[0], labels) for labels in seen[1:])
+    assert torch.equal(torch.bincount(seen[0]), torch.full((10,), 51))     # of 205 (classes 0-7) or 204 each
+
+
+def test_a_label_fraction_too_small_for_a_class_is_one_line_exit_2(ckpt, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main([ckpt, "--mode", "knn", "--device", "cpu", "--label-fraction", "0.001"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "eval.py: error: --label-fraction 0.001 leaves class 0 (205 images) with 0\n"
+
+
+def test_a_held_out_share_never_reads_the_test_split(ckpt, monkeypatch):
+    """With --val-share (choosing a recipe or the baseline's settings) the test split is never loaded: the
+    evaluation is on a class-balanced share of the training images, apart from those trained on."""
+    load = data.load
+
+    def train_split_only(name, data_dir, train=True, **kw):
+        assert train, "the test split was read"
+        return load(name, data_dir, train=train, **kw)
+    monkeypatch.setattr(data, "load", train_split_only)
+    for flags in (["--mode", "finetune", "--random-init", "--recipe", "short", "--epochs", "1", "--batch-size", "64"],
+                  ["--mode", "knn"]):
+        _, line = run(ckpt, *flags, "--label-fraction", "0.5", "--val-share", "0.2")
+        assert (line["n_train"], line["n_test"], line["evaluated_on"]) == (820, 200, "held-out training images")
+
+
+def test_finetuning_time_budget_ends_on_time_with_a_result(ckpt, monkeypatch):
+    """--time-budget 0.05 (3 s) on a clock that moves 1/16 s a step: the length is fitted to 48 steps, far
+    below --epochs 1000, the learning rate ends its cosine there, and the run ends with a result. Time
+    spent evaluating (1 s a call on this clock, at most about 10 calls) is not counted."""
+    clock = [1000.0]
+    monkeypatch.setattr(runtime.time, "time", lambda: clock[0])
+    step, top1, lrs = ev.finetune_step, ev.top1, []
+
+    def timed_step(model, opt, *a):
+        clock[0] += 1 / 16
+        lrs.append(a[-3])
+        return step(model, opt, *a)
+
+    def timed_top1(*a):
+        clock[0] += 1.0
+        return top1(*a)
+    monkeypatch.setattr(ev, "finetune_step", timed_step)
+    monkeypatch.setattr(ev, "top1", timed_top1)
+    _, line = run(ckpt, "--mode", "finetune", "--recipe", "short", "--epochs", "1000", "--batch-size", "64",
+                  "--lr", "1e-3", "--limit", "256", "--time-budget", "0.05", "--warmup-epochs", "0")
+    assert (line["finetune_steps"], line["finetune_epochs"], line["time_budget"]) == (48, 12, 0.05)
+    assert line["evaluated_at_epoch"] == [3, 5, 7, 9, 11, 12] and len(line["per_epoch"]) == 6
+    assert 0 <= line["accuracy"] <= 100 and len(lrs) == 48
+    assert lrs[-1] == pytest.approx(1e-6 + (2.5e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi * 47 / 48)))
 
 
 # ------------------------------------------------------------------------------------------------

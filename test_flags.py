@@ -4,11 +4,13 @@ wrong type or choice), exit status 2, and nothing written. main(argv) runs in-pr
 check the same command would run and write its results, figure or run folder, so each case can fail.
 The whole file takes a few seconds on 2 CPU cores."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import eval as ev
 import runtime
@@ -54,6 +56,10 @@ EVAL_BAD = {
     "--mixup-prob": ["1.1"],
     "--mixup-switch-prob": ["-0.5"],
     "--smoothing": ["1.1", "-0.1"],
+    "--time-budget": ["-1", "nan"],
+    "--label-fraction": ["0", "1.5", "-0.1", "nan"],
+    "--val-share": ["1", "-0.1"],
+    "--recipe": ["nope"],
 }
 VISUALIZE_BAD = {
     "--n": ["0", "-1", "257", "two"],
@@ -142,6 +148,9 @@ def test_flag_combinations_are_refused(ckpt, capsys):
         assert flags[0] in err and "--raw-pixels" in err
     err = refused(visualize, "visualize.py", [str(ckpt), "--attention", "--curves"], ckpt, capsys)
     assert "--curves" in err and "--attention" in err
+    for flags in (["--recipe", "short"], ["--time-budget", "1"]):     # fine-tuning only: never dropped
+        err = refused(ev, "eval.py", [str(ckpt), "--mode", "knn", *flags], ckpt, capsys)
+        assert err == f"eval.py: error: {flags[0]}: for --mode finetune, not for --mode knn\n"
 
 
 def test_good_edge_values_pass_the_checks(ckpt):
@@ -210,6 +219,7 @@ TRAIN_BAD = {
     "--bench": ["-1"],
     "--peak-tflops": ["-1", "nan"],
     "--seed": ["-1", "4294967296", "1.5"],
+    "--recipe": ["nope"],
 }
 # a two-step run if a check were missing (no --warmup-epochs note: it would be a second line)
 TRAIN_QUICK = ["--dataset", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "1",
@@ -278,3 +288,93 @@ def test_train_command_line_exit_status_is_2(tmp_path):
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines() == ["train.py: error: --patch-size 0: must be an integer >= 1"]
     assert not (tmp_path / "run").exists()
+
+
+# --- recipes: named sets of flag values, which flags given override ---------------------------------
+
+def test_train_recipes_set_their_values_and_a_flag_overrides_them():
+    """--recipe fmnist-20min gives the laptop recipe's values (written out here); a flag given wins; the
+    name is a field of the run (config.json and the checkpoint hold it); its default folder is runs/NAME."""
+    cfg, run, given = runtime.parse_train_args(["--recipe", "fmnist-20min"])
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.img_size, cfg.patch_size, cfg.proj_hidden, cfg.batch_size) == \
+        (96, 4, 4, 28, 7, 1024, 64)
+    assert (cfg.lr, cfg.alpha, cfg.momentum_teacher, cfg.crop_min, cfg.warmup_epochs, cfg.epochs) == \
+        (4e-3, 1.0, 0.98, 1.0, 1.0, 100)
+    assert (run.dataset, run.device, run.time_budget, run.knn_every, run.recipe, run.out) == \
+        ("fashion-mnist", "cpu", 20.0, 0, "fmnist-20min", os.path.join("runs", "fmnist-20min"))
+    assert given == {"recipe"}                                       # recipe values are not flags given
+    cfg, run, given = runtime.parse_train_args(["--recipe", "fmnist-20min", "--dim", "64", "--time-budget", "3"])
+    assert (cfg.dim, cfg.depth, run.time_budget) == (64, 4, 3.0) and given == {"recipe", "dim", "time_budget"}
+    cfg, run, _ = runtime.parse_train_args(["--recipe", "fmnist-gpu-6min"])
+    assert (cfg.dim, cfg.img_size, cfg.patch_size, cfg.batch_size, run.time_budget, run.device) == \
+        (192, 32, 4, 256, 6.0, "auto")
+    cfg, run, _ = runtime.parse_train_args(["--recipe", "cifar10-paper"])
+    assert (run.dataset, cfg.dim, cfg.alpha) == ("cifar10", 384, 5.0)
+
+
+@pytest.mark.parametrize("name", sorted(runtime.RECIPES))
+def test_every_recipe_value_is_of_its_flags_type_and_passes_its_check(name):
+    """A recipe's values pass the same checks as the flags (they are parsed as defaults, then checked)."""
+    for field, value in runtime.RECIPES[name][2].items():
+        kind = CONFIG_FIELDS[f"--{field.replace('_', '-')}"].type
+        assert type(value).__name__ == getattr(kind, "__name__", kind), (field, value)
+        assert runtime.bad_value(field, value, runtime.TRAIN_FLAGS[field][1]) is None, (field, value)
+
+
+def test_a_recipe_value_that_breaks_its_rule_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(runtime.RECIPES, "broken", ("", "", dict(runtime.LAPTOP, lr=-1.0)))
+    assert train.main(["--recipe", "broken", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "train.py: error: --lr -1: must be a number > 0\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_help_lists_every_recipe_with_its_result():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
+    listed = p.stdout[p.stdout.index("recipes (--recipe NAME):"):].splitlines()[1:]
+    assert [line.split()[0] for line in listed] == list(runtime.RECIPES)
+    for line, (text, result, _) in zip(listed, runtime.RECIPES.values()):
+        assert line.endswith(f"{text}; {result}")
+
+
+def test_an_unknown_recipe_is_one_line_naming_the_known_ones(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--recipe", "fast", "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.splitlines() == ["train.py: error: --recipe fast: must be one of cifar10-paper, fmnist-20min, "
+                                     "fmnist-2min, fmnist-gpu-6min"]
+
+
+def test_the_short_finetuning_recipe_and_a_flag_over_it(ckpt):
+    """--recipe short (written out here): batch 64, whole-image crops, no RandAugment, erasing or mixing, 1
+    warm-up epoch, lr 3e-3; the rest are the defaults; a flag given wins. The default recipe is mae (MAE's)."""
+    args = ev.parse_args([str(ckpt), "--mode", "finetune", "--recipe", "short", "--batch-size", "32"])
+    assert (args.crop_min, args.randaug_n, args.reprob, args.mixup, args.cutmix, args.warmup_epochs, args.lr) == \
+        (1.0, 0, 0.0, 0.0, 0.0, 1.0, 3e-3)
+    assert args.batch_size == 32
+    assert ev.parse_args([str(ckpt), "--mode", "finetune", "--recipe", "short"]).batch_size == 64
+    assert (args.smoothing, args.layer_decay, args.drop_path, args.weight_decay, args.epochs) == \
+        (0.1, 0.75, 0.1, 0.05, 100)
+    args = ev.parse_args([str(ckpt), "--mode", "finetune"])
+    assert (args.recipe, args.crop_min, args.randaug_n, args.mixup, args.lr) == ("mae", 0.08, 2, 0.8, 5e-4)
+
+
+def test_the_recipe_is_recorded_and_resume_keeps_it(tmp_path, capsys):
+    """The recipe's name is in config.json and the checkpoint; --resume keeps it (and its values) without
+    being told, and refuses another recipe in one line."""
+    out = str(tmp_path / "run")
+    assert TRAIN_QUICK[-2:] == ["--knn-every", "0"]
+    quick = TRAIN_QUICK[:-2] + ["--time-budget", "0", "--out", out]  # flags given win over the recipe
+    assert train.main(["--recipe", "fmnist-2min", *quick]) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["recipe"] == "fmnist-2min"
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["config"]["recipe"] == "fmnist-2min" and ckpt["config"]["momentum_teacher"] == 0.98
+    assert train.main(["--out", out, "--resume", "--epochs", "2"]) == 0
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["config"]["recipe"] == "fmnist-2min" and ckpt["config"]["momentum_teacher"] == 0.98
+    assert ckpt["config"]["knn_every"] == 0          # how it runs, too, is its recipe's (the default is 10)
+    assert ckpt["step"] == 4
+    capsys.readouterr()
+    assert train.main(["--out", out, "--resume", "--epochs", "3", "--recipe", "fmnist-20min"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: --recipe fmnist-20min: the run in") and err.count("\n") == 1, err
