@@ -33,7 +33,7 @@ def stats(dataset):
 
 
 DATASETS = ("cifar10", "cifar100", "stl10", "fashion-mnist", "mnist", "flowers102", "pets", "synthetic")
-DATASET_RULE = (lambda v: v in DATASETS or os.path.isdir(v),   # a --dataset flag's rule (see cli.allowed)
+DATASET_RULE = (lambda v: v in DATASETS or os.path.isdir(v),   # a --dataset flag's rule (see runtime.allowed)
                 f"one of {', '.join(DATASETS)}, or a folder of images")
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -278,7 +278,8 @@ def rand(B, device, lo=0.0, hi=1.0):
 def random_resized_crop(x, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5):
     """Per-image crop of area share ~U(scale) and aspect ~logU(ratio), resized to size; flip p 0.5; one
     affine grid_sample for the batch. Differs from torchvision: a crop that would not fit is clamped to
-    the image instead of re-drawn (up to 10 times) and falling back to a centre crop."""
+    the image instead of re-drawn (up to 10 times) and falling back to a centre crop, because a re-draw
+    is a loop whose length depends on the draws, which a batched, compiled step cannot have."""
     B, dev = x.shape[0], x.device
     area = rand(B, dev, *scale)
     log_r = rand(B, dev, math.log(ratio[0]), math.log(ratio[1]))
