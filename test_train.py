@@ -51,11 +51,42 @@ def read_log(folder):
         return [json.loads(line) for line in f]
 
 
-def run_cli(args, **kw):
+def run_cli(args, script=os.path.join(HERE, "train.py"), **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     kw.setdefault("stdout", subprocess.DEVNULL)
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")] + args, cwd=HERE, env=env,
+    return subprocess.Popen([sys.executable, script] + args, cwd=HERE, env=env,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+SIGNALLING = """import os, signal, sys
+sys.path.insert(0, {here!r})
+import train
+stepper = train.stepper
+
+
+def signalling(*args, **kw):  # the loop's step, which sends {sig} to its own process before step {at} + 1 runs
+    run, calls = stepper(*args, **kw), [0]
+
+    def step(x):
+        if calls[0] == {at} and os.environ.get("RANK", "0") == "{rank}":
+            os.kill(os.getpid(), signal.{sig})
+        calls[0] += 1
+        return run(x)
+    step.compile_seconds = None
+    return step
+
+
+train.stepper = signalling
+sys.exit(train.main())
+"""
+
+
+def signalling(tmp_path, sig, at, rank=0):
+    """A train.py that sends itself `sig` (a real signal, through the kernel) just before its step `at` + 1
+    runs, on `rank` only under torchrun: the signal lands at a step the test chooses, not after a sleep."""
+    path = tmp_path / f"train_{sig}_at_{at}_rank_{rank}.py"
+    path.write_text(SIGNALLING.format(here=HERE, sig=sig, at=at, rank=rank))
+    return str(path)
 
 
 def free_port():
@@ -83,18 +114,6 @@ def finish(proc, timeout=300):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise AssertionError(f"still running after {timeout} s; killed") from None
-
-
-def wait_for_log_lines(folder, n, proc, timeout=120):
-    """Wait until log.jsonl in `folder` holds n lines (the run is training), or `proc` has ended."""
-    log, deadline = os.path.join(folder, "log.jsonl"), time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(log) and sum(1 for _ in open(log)) >= n:
-            return
-        time.sleep(0.02)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"no {n} log lines in {folder} (exit status {proc.wait()})")
 
 
 def assert_same_student(a, b):
@@ -270,16 +289,13 @@ def test_few_steps_end_to_end(tmp_path):
 
 
 def test_interrupted_run_resumes_exactly(straight, tmp_path):
-    """SIGTERM mid-epoch saves the exact step; --resume then ends with the same weights as an
+    """SIGTERM during step 3 saves step 3 exactly; --resume then ends with the same weights as an
     uninterrupted run (same data order, augmentation stream, optimizer and schedules)."""
     out = str(tmp_path / "cut")
-    proc = run_cli(RESUMED + ["--out", out])
-    wait_for_log_lines(out, 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc = run_cli(RESUMED + ["--out", out], script=signalling(tmp_path, "SIGTERM", at=2))
     _, err = finish(proc, 120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    cut_step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
-    assert 0 < cut_step < 16
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
     resumed = run_cli(RESUMED + ["--out", out, "--resume"])
     _, err = finish(resumed)
     assert resumed.returncode == 0, err
@@ -295,34 +311,22 @@ def test_interrupted_run_resumes_exactly(straight, tmp_path):
 
 
 def test_save_every_checkpoints_mid_epoch_and_resumes_exactly(straight, tmp_path):
-    """--save-every (here 0.0005 min = 30 ms) writes checkpoints within an epoch: the run, held
-    still (SIGSTOP) until its checkpoint is at a step inside an epoch, then SIGKILLed, resumes from
-    that step and ends with the same weights as an uninterrupted run. The resumed run also deletes
-    the temp file of a save that a kill cut short."""
+    """--save-every (here 1e-9 min: after every step) writes checkpoints within an epoch: the run, killed
+    (SIGKILL) before its step 12, keeps step 11 (inside its second epoch of 8 steps), resumes from it and
+    ends with the same weights as an uninterrupted run. The resumed run also deletes the temp file of a
+    save that a kill cut short."""
     out = str(tmp_path / "cut")
-    args = RESUMED + ["--out", out, "--save-every", "0.0005"]
-    proc, ckpt, cut_step = run_cli(args), os.path.join(out, "ckpt.pt"), None
-    deadline = time.time() + 120
-    while cut_step is None and proc.poll() is None and time.time() < deadline:
-        if os.path.exists(ckpt):
-            proc.send_signal(signal.SIGSTOP)                         # the checkpoint cannot change now
-            step = torch.load(ckpt, weights_only=True)["step"]
-            if step % 8:                                             # 8 steps per epoch
-                cut_step = step
-                proc.kill()
-            else:
-                proc.send_signal(signal.SIGCONT)
-        time.sleep(0.01)
-    proc.kill()
-    finish(proc, 60)
-    assert cut_step is not None, "no checkpoint inside an epoch"
-    assert torch.load(ckpt, weights_only=True)["step"] == cut_step
+    args, ckpt = RESUMED + ["--out", out, "--save-every", "1e-9"], os.path.join(out, "ckpt.pt")
+    proc = run_cli(args, script=signalling(tmp_path, "SIGKILL", at=11))
+    finish(proc, 120)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(ckpt, weights_only=True)["step"] == 11
     with open(os.path.join(out, ".ckpt.pt.cut-short.tmp"), "wb") as f:  # as a kill during a save leaves
         f.write(b"partial")
     resumed = run_cli(args + ["--resume"], stdout=subprocess.PIPE)
     printed, err = finish(resumed)
     assert resumed.returncode == 0, err
-    assert f"resuming {out} at epoch {cut_step // 8}, step {cut_step}\n" in printed
+    assert f"resuming {out} at epoch 1, step 11\n" in printed
     a = torch.load(straight / "ckpt.pt", weights_only=True)
     b = torch.load(ckpt, weights_only=True)
     assert a["step"] == b["step"] == 16
@@ -332,26 +336,21 @@ def test_save_every_checkpoints_mid_epoch_and_resumes_exactly(straight, tmp_path
 
 
 def test_killed_run_loses_at_most_one_epoch(tmp_path):
-    """SIGKILL mid-run leaves the last epoch-end checkpoint whole; --resume finishes the run."""
+    """SIGKILL before step 20 of 24 (8 a epoch) leaves the checkpoint of the last epoch end, step 16,
+    whole; --resume finishes the run."""
     out = str(tmp_path / "killed")
     args = TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32", "--epochs", "3",
                    "--log-every", "1", "--out", out]
-    proc = run_cli(args)
-    ckpt = os.path.join(out, "ckpt.pt")
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.path.exists(ckpt):
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.kill()
-    proc.communicate(timeout=60)
+    proc = run_cli(args, script=signalling(tmp_path, "SIGKILL", at=19))
+    finish(proc, 120)
     assert proc.returncode == -signal.SIGKILL                         # killed, not finished
-    saved = torch.load(ckpt, weights_only=True)
-    ends = [r["step"] for r in read_log(out) if r["kind"] == "epoch" and "loss" in r]   # logged before each save
-    assert saved["step"] % 8 == 0 and 1 <= saved["epoch"] < 3 and saved["step"] in (ends[-1], ends[-1] - 8)
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert (saved["step"], saved["epoch"]) == (16, 2)
+    assert [r["step"] for r in read_log(out) if r["kind"] == "step"][-1] == 19
     resumed = run_cli(args + ["--resume"])
     _, err = finish(resumed)
     assert resumed.returncode == 0, err
-    assert torch.load(ckpt, weights_only=True)["step"] == 24
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 24
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]   # none, even if the kill cut a save
 
 
@@ -361,16 +360,6 @@ def test_torchrun_two_gloo_processes_keep_replicas_identical(ddp_straight):
     rep = [r for r in rows if r["kind"] == "replicas"]
     assert rep and rep[0]["world"] == 2 and rep[0]["max_abs_diff"] == 0.0
     assert runtime.load_checkpoint(os.path.join(ddp_straight, "ckpt.pt"))[2]["step"] == 16
-
-
-def worker_of_rank(launcher, rank):
-    """The pid of torchrun's worker process with RANK=rank (its children, read from /proc)."""
-    for task in os.listdir(f"/proc/{launcher.pid}/task"):
-        for pid in open(f"/proc/{launcher.pid}/task/{task}/children").read().split():
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"RANK={rank}".encode() in f.read().split(b"\0"):
-                    return int(pid)
-    raise AssertionError(f"no worker of rank {rank}")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc (Linux)")
@@ -405,20 +394,17 @@ with open(os.path.join({str(tmp_path)!r}, f"threads_left_{{rank}}_of_{{world}}")
 
 
 def test_torchrun_sigterm_to_one_worker_stops_both_at_one_step_and_resumes_exactly(ddp_straight, tmp_path):
-    """Under torchrun, SIGTERM to rank 1 alone (mid-epoch) stops both ranks at the same log step:
-    rank 1 exits with 128 + 15, rank 0 saves that step with both ranks' generator states; --resume
-    under torchrun then ends with the weights of an uninterrupted 2-process run."""
+    """Under torchrun, SIGTERM to rank 1 alone during step 3 (mid-epoch) stops both ranks at that step:
+    rank 1 exits with 128 + 15, rank 0 saves step 3 with both ranks' generator states; --resume under
+    torchrun then ends with the weights of an uninterrupted 2-process run."""
     out = str(tmp_path / "cut")
-    proc = run_torchrun(RESUMED + ["--out", out])
-    wait_for_log_lines(out, 3, proc)                                 # k-NN at init, steps 1 and 2
-    os.kill(worker_of_rank(proc, 1), signal.SIGTERM)
+    proc = run_torchrun(RESUMED + ["--out", out], script=signalling(tmp_path, "SIGTERM", at=2, rank=1))
     _, err = finish(proc, 120)
     assert proc.returncode != 0, err[-2000:]
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*143\b", err), err[-2000:]
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert re.search(rf"interrupted: saved \S+ at step {saved['step']};", err), err[-2000:]  # rank 0
-    assert 0 < saved["step"] < 16 and saved["step"] % 8
-    assert len(saved["extra"]["generators"]) == 2
+    assert re.search(r"interrupted: saved \S+ at step 3;", err), err[-2000:]  # rank 0
+    assert saved["step"] == 3 and len(saved["extra"]["generators"]) == 2
     proc = run_torchrun(RESUMED + ["--resume", "--out", out])
     _, err = finish(proc)
     assert proc.returncode == 0, err[-2000:]
@@ -432,17 +418,20 @@ def test_torchrun_sigterm_to_one_worker_stops_both_at_one_step_and_resumes_exact
 def test_a_signal_delivered_twice_at_once_is_one_request(monkeypatch):
     """A second SIGTERM within StopFlag.repeat_s of the first (under torchrun a terminal's Ctrl-C or
     SLURM signals every worker, and the launcher forwards the signal again) only asks for a stop, so
-    the run still saves at the next step boundary; one that comes later stops at once."""
-    monkeypatch.setattr(runtime.StopFlag, "repeat_s", 0.2)
+    the run still saves at the next step boundary; one that comes later stops at once. The clock is
+    the test's, so how busy the machine is cannot move a signal across the line."""
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
     before = signal.getsignal(signal.SIGTERM)
     with runtime.StopFlag() as stop:
         try:
             signal.raise_signal(signal.SIGTERM)                      # the handler runs before it returns
+            clock[0] += 0.9 * runtime.StopFlag.repeat_s
             signal.raise_signal(signal.SIGTERM)
         except KeyboardInterrupt:
             pytest.fail("the same signal delivered twice at once stopped the run without saving")
         assert stop.signal == signal.SIGTERM
-        time.sleep(0.3)
+        clock[0] += 0.2 * runtime.StopFlag.repeat_s                  # 1.1 x repeat_s after the first
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
@@ -496,9 +485,36 @@ def test_whole_step_is_one_graph_and_matches_eager():
         assert a[1:] == b[1:] == (0, 0)
     assert runtime.graph_count() - before == 1                       # one graph, no break, no recompile
     assert int(o_compiled.t) == 4 and compiled.compile_seconds > 0
+    # A tensor whose true gradient is (near) zero (a bias just before a batch norm, which removes it; the final
+    # norm's bias at init) gets Adam steps of rounding noise, each as large as the lr and signed by the kernels'
+    # summation order (it differs between eager and compiled on a CPU with AVX-512): such tensors, and the
+    # running means of the batch norms they feed, are held to twice the total lr (each run may step either way);
+    # every other one to float32 rounding.
+    noise = {name for name, g in first_gradients(tiny_step()[1], images[:16]).items() if g < 1e-4} | \
+        {name.replace("bias", "running_mean") for name in noise_fed_norms(m_eager)}
+    total_lr = 2 * o_eager.schedule[0, :4].sum().item()
     for (name, p), q in zip(m_eager.state_dict().items(), m_compiled.state_dict().values()):
-        assert torch.allclose(p.float(), q.float(), rtol=1e-4, atol=1e-6), name
+        loose = name in noise or name.replace("student.", "").replace("teacher.", "") in noise
+        assert torch.allclose(p.float(), q.float(), rtol=1e-4, atol=total_lr if loose else 1e-6), name
+    assert len(noise) <= 12, noise                                   # a few, not the model
     assert not torch.equal(m_eager.teacher.head.net[0].weight, tiny_step()[1].teacher.head.net[0].weight)
+
+
+def first_gradients(model, images):
+    """{name: largest |gradient|} of the student's parameters for one eager L_total on `images` (names
+    without the student. prefix)."""
+    with rng.source(torch.Generator().manual_seed(0)):
+        clean = data.two_views(images, model.cfg.img_size, *data.stats("synthetic"), model.cfg.crop_min)
+        out = model(clean, *model.corrupt(clean))
+    params = dict(model.student.named_parameters())
+    return {n: g.abs().max().item() for n, g in zip(params, torch.autograd.grad(out["loss"], list(params.values())))}
+
+
+def noise_fed_norms(model):
+    """Names of the batch norms (as NAME.bias) right after a Linear in the student's projection head."""
+    net = model.student.head.net
+    return {f"head.net.{i + 1}.bias" for i, m in enumerate(net[:-1]) if isinstance(m, torch.nn.Linear)
+            and isinstance(net[i + 1], torch.nn.BatchNorm1d)}
 
 
 def test_the_step_draws_exactly_what_was_counted_from_its_generator():
@@ -1043,6 +1059,7 @@ RESUME_CHANGED = {
     "out": None, "device": "cpu", "compile": None, "cuda_graphs": None, "bf16": None, "resume": None,
     "save_every": "5",
     "time_budget": "1", "knn_every": "2", "log_every": "3", "bench": None, "peak_tflops": "100", "seed": "7",
+    "recipe": "fmnist-2min",
 }
 FINISHED = ["--dataset", "synthetic", "--limit", "128", "--batch-size", "32", "--epochs", "2", "--log-every", "1"]
 
