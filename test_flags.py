@@ -364,7 +364,7 @@ def test_the_recipe_is_recorded_and_resume_keeps_it(tmp_path, capsys):
     being told, and refuses another recipe in one line."""
     out = str(tmp_path / "run")
     assert TRAIN_QUICK[-2:] == ["--knn-every", "0"]
-    quick = TRAIN_QUICK[:-2] + ["--time-budget", "0", "--out", out]  # flags given win over the recipe
+    quick = TRAIN_QUICK[:-2] + ["--patch-size", "4", "--time-budget", "0", "--out", out]  # given: they win
     assert train.main(["--recipe", "fmnist-2min", *quick]) == 0
     assert json.load(open(os.path.join(out, "config.json")))["recipe"] == "fmnist-2min"
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)

@@ -8,7 +8,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def test_code_to_paper_table_points_at_the_definitions():
     text = open(os.path.join(HERE, "README.md")).read()
-    table = text[text.index("## Code to paper"):text.index("## Differences from the reference code")]
+    table = text[text.index("## Where the method is"):text.index("## Differences from the authors' code")]
     refs = re.findall(r"`(?:\w+\.)?(\w+)` \((\w+\.py):(\d+)\)", table)
     assert len(refs) >= 20, refs
     for name, path, line in refs:
