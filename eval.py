@@ -91,7 +91,8 @@ def standardize(train, *others):
 
 def fit_linear(x, y, num_classes, weight_decay, steps=500):
     """Linear classifier (F -> C) minimising CE(x W^T + b, y) + weight_decay/2 |W|^2 on x (N, F), y (N,): full-batch
-    L-BFGS from zero (deterministic), strong-Wolfe line search, at most `steps` iterations (fewer once converged)."""
+    L-BFGS (a history of 20) from zero (deterministic), strong-Wolfe line search, at most `steps` iterations (fewer
+    once converged)."""
     head = nn.Linear(x.shape[1], num_classes).to(x.device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)

@@ -633,7 +633,7 @@ def test_fit_linear_minimises_cross_entropy_plus_half_lambda_w_squared():
 
 def test_fit_linear_is_full_batch_lbfgs_with_strong_wolfe_line_search(monkeypatch):
     """fit_linear's optimiser: torch's L-BFGS with the strong-Wolfe line search, at most `steps` iterations
-    (500 unless told), one step over the whole batch."""
+    (500 unless told), a history of 20 and lr 1, one step over the whole batch."""
     made, steps_taken = [], []
     real = torch.optim.LBFGS
 
@@ -650,7 +650,8 @@ def test_fit_linear_is_full_batch_lbfgs_with_strong_wolfe_line_search(monkeypatc
     x, y = torch.randn(20, 3, generator=g), torch.randint(0, 2, (20,), generator=g)
     ev.fit_linear(x, y, 2, 0.1)
     ev.fit_linear(x, y, 2, 0.1, steps=9)
-    assert [(kw["line_search_fn"], kw["max_iter"]) for kw in made] == [("strong_wolfe", 500), ("strong_wolfe", 9)]
+    assert [(kw["line_search_fn"], kw["max_iter"], kw.get("history_size", 100), kw.get("lr", 1)) for kw in made] == [
+        ("strong_wolfe", 500, 20, 1), ("strong_wolfe", 9, 20, 1)]                  # torch's defaults: 100 and 1
     assert steps_taken == [1, 1]
 
 
@@ -729,7 +730,8 @@ def test_finetune_step_passes_the_recipe_on(monkeypatch):
     """finetune_step with the default recipe: the lr it is given goes to set_lr; the images go through
     data.finetune_view at the encoder's size with the training statistics, crop 0.08, RandAugment 2 / 9 / 0.5
     and erasing 0.25; the targets through smooth_targets with 0.1 over the head's 10 classes, then mix with
-    mixup 0.8, CutMix 1.0, prob 1.0, switch 0.5; the step trains the model."""
+    mixup 0.8, CutMix 1.0, prob 1.0, switch 0.5; the step trains the model. Other values of the flags go
+    through alike."""
     args = ev.parse_args(["x.pt", "--mode", "finetune"])
     args.img_size = 16
     torch.manual_seed(0)
@@ -752,6 +754,18 @@ def test_finetune_step_passes_the_recipe_on(monkeypatch):
         0.08, 2, 9, 0.5, 0.25)
     assert torch.equal(smooth["labels"], images.labels) and (smooth["num_classes"], smooth["smoothing"]) == (10, 0.1)
     assert (mixed["mixup"], mixed["cutmix"], mixed["prob"], mixed["switch_prob"]) == (0.8, 1.0, 1.0, 0.5)
+    args = ev.parse_args(["x.pt", "--mode", "finetune", "--crop-min", "0.5", "--randaug-n", "1", "--randaug-m", "5",
+                          "--randaug-mstd", "0.2", "--reprob", "0.4", "--smoothing", "0.2", "--mixup", "0.3",
+                          "--cutmix", "0.6", "--mixup-prob", "0.7", "--mixup-switch-prob", "0.2"])
+    args.img_size = 16
+    calls.clear()
+    ev.finetune_step(model, opt, images.images, images.labels, stats, args, 1e-3, torch.Generator().manual_seed(0),
+                     np.random.default_rng(0))                          # other values than the defaults go too
+    (_, lr), (_, view), (_, smooth), (_, mixed) = calls
+    assert (view["crop_min"], view["randaug_n"], view["randaug_m"], view["randaug_mstd"], view["reprob"]) == (
+        0.5, 1, 5, 0.2, 0.4)
+    assert smooth["smoothing"] == 0.2
+    assert (mixed["mixup"], mixed["cutmix"], mixed["prob"], mixed["switch_prob"]) == (0.3, 0.6, 0.7, 0.2)
 
 
 def test_two_finetune_steps_are_the_plain_steps():
@@ -831,7 +845,7 @@ def test_mix_written_out_with_the_same_draws():
     reversed batch's pixels into a box of sides int(H sqrt(1 - lam)) x int(W sqrt(1 - lam)) around the centre,
     clipped to the image, and lam becomes 1 - the clipped box's area share; the targets mix by lam alike."""
     g = torch.Generator().manual_seed(0)
-    x, t = torch.rand(4, 3, 12, 10, generator=g), torch.eye(4)
+    x, t = torch.rand(4, 3, 12, 10, generator=g), ev.smooth_targets(torch.tensor([2, 0, 3, 3]), 5, 0.1)
     seen = set()
     for seed in range(12):
         host, replay = np.random.default_rng(seed), np.random.default_rng(seed)
