@@ -58,10 +58,13 @@ def run_cli(args, script=os.path.join(HERE, "train.py"), **kw):
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
-SIGNALLING = """import os, signal, sys
+SIGNALLING = """import os, signal, sys, time
 sys.path.insert(0, {here!r})
 import train
 stepper = train.stepper
+if os.environ.get("RANK") == "0" and {slow_save}:       # rank 0 takes 2 s more to write a checkpoint
+    save = train.runtime.save_checkpoint_or_exit
+    train.runtime.save_checkpoint_or_exit = lambda *a: (time.sleep(2), save(*a))[1]
 
 
 def signalling(*args, **kw):  # the loop's step, which sends {sig} to its own process before step {at} + 1 runs
@@ -76,16 +79,24 @@ def signalling(*args, **kw):  # the loop's step, which sends {sig} to its own pr
     return step
 
 
+# Outside train's own handler SIGTERM is ignored: torchrun, which stops the other rank once one ends, cannot cut
+# the record below short.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 train.stepper = signalling
-sys.exit(train.main())
+code = train.main()
+with open(__file__ + ".exit" + os.environ.get("RANK", ""), "w") as f:  # what main returned; ckpt.pt there by then?
+    f.write(f"{{code}} {{os.path.exists(os.path.join(sys.argv[sys.argv.index('--out') + 1], 'ckpt.pt'))}}")
+sys.exit(code)
 """
 
 
-def signalling(tmp_path, sig, at, rank=0):
+def signalling(tmp_path, sig, at, rank=0, slow_save=False):
     """A train.py that sends itself `sig` (a real signal, through the kernel) just before its step `at` + 1
-    runs, on `rank` only under torchrun: the signal lands at a step the test chooses, not after a sleep."""
+    runs, on `rank` only under torchrun: the signal lands at a step the test chooses, not after a sleep.
+    What train.main returns, and whether --out holds ckpt.pt by then, is written to the script's path + ".exit"
+    (+ the rank under torchrun). slow_save: rank 0 takes 2 s more to write a checkpoint under torchrun."""
     path = tmp_path / f"train_{sig}_at_{at}_rank_{rank}.py"
-    path.write_text(SIGNALLING.format(here=HERE, sig=sig, at=at, rank=rank))
+    path.write_text(SIGNALLING.format(here=HERE, sig=sig, at=at, rank=rank, slow_save=slow_save))
     return str(path)
 
 
@@ -293,7 +304,7 @@ def test_interrupted_run_resumes_exactly(straight, tmp_path):
     uninterrupted run (same data order, augmentation stream, optimizer and schedules)."""
     out = str(tmp_path / "cut")
     proc = run_cli(RESUMED + ["--out", out], script=signalling(tmp_path, "SIGTERM", at=2))
-    _, err = finish(proc, 120)
+    _, err = finish(proc)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
     resumed = run_cli(RESUMED + ["--out", out, "--resume"])
@@ -318,7 +329,7 @@ def test_save_every_checkpoints_mid_epoch_and_resumes_exactly(straight, tmp_path
     out = str(tmp_path / "cut")
     args, ckpt = RESUMED + ["--out", out, "--save-every", "1e-9"], os.path.join(out, "ckpt.pt")
     proc = run_cli(args, script=signalling(tmp_path, "SIGKILL", at=11))
-    finish(proc, 120)
+    finish(proc)
     assert proc.returncode == -signal.SIGKILL
     assert torch.load(ckpt, weights_only=True)["step"] == 11
     with open(os.path.join(out, ".ckpt.pt.cut-short.tmp"), "wb") as f:  # as a kill during a save leaves
@@ -342,7 +353,7 @@ def test_killed_run_loses_at_most_one_epoch(tmp_path):
     args = TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32", "--epochs", "3",
                    "--log-every", "1", "--out", out]
     proc = run_cli(args, script=signalling(tmp_path, "SIGKILL", at=19))
-    finish(proc, 120)
+    finish(proc)
     assert proc.returncode == -signal.SIGKILL                         # killed, not finished
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert (saved["step"], saved["epoch"]) == (16, 2)
@@ -386,7 +397,7 @@ with open(os.path.join({str(tmp_path)!r}, f"threads_left_{{rank}}_of_{{world}}")
     f.write(" ".join(sorted(names)))
 """)
     proc = run_torchrun([], script=str(script))
-    _, err = finish(proc, 120)
+    _, err = finish(proc)
     assert proc.returncode == 0, err[-2000:]
     left = {name: (tmp_path / name).read_text() for name in os.listdir(tmp_path) if name.startswith("threads_left")}
     assert sorted(left) == ["threads_left_0_of_2", "threads_left_1_of_2"], err[-2000:]
@@ -395,13 +406,16 @@ with open(os.path.join({str(tmp_path)!r}, f"threads_left_{{rank}}_of_{{world}}")
 
 def test_torchrun_sigterm_to_one_worker_stops_both_at_one_step_and_resumes_exactly(ddp_straight, tmp_path):
     """Under torchrun, SIGTERM to rank 1 alone during step 3 (mid-epoch) stops both ranks at that step:
-    rank 1 exits with 128 + 15, rank 0 saves step 3 with both ranks' generator states; --resume under
-    torchrun then ends with the weights of an uninterrupted 2-process run."""
-    out = str(tmp_path / "cut")
-    proc = run_torchrun(RESUMED + ["--out", out], script=signalling(tmp_path, "SIGTERM", at=2, rank=1))
-    _, err = finish(proc, 120)
+    each returns 128 + 15, rank 0 saves step 3 with both ranks' generator states, and rank 1 returns only
+    once the checkpoint is written, here 2 s late (torchrun stops the other ranks as soon as one ends,
+    which must not cut rank 0's save short); --resume under torchrun then ends with the weights of an
+    uninterrupted 2-process run. The exit statuses are read from the ranks, not from torchrun's summary,
+    where a rank that torchrun stopped itself shows torchrun's signal instead."""
+    out, script = str(tmp_path / "cut"), signalling(tmp_path, "SIGTERM", at=2, rank=1, slow_save=True)
+    proc = run_torchrun(RESUMED + ["--out", out], script=script)
+    _, err = finish(proc)
     assert proc.returncode != 0, err[-2000:]
-    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*143\b", err), err[-2000:]
+    assert [open(f"{script}.exit{r}").read() for r in (0, 1)] == ["143 True", "143 True"], err[-2000:]
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert re.search(r"interrupted: saved \S+ at step 3;", err), err[-2000:]  # rank 0
     assert saved["step"] == 3 and len(saved["extra"]["generators"]) == 2
@@ -937,7 +951,7 @@ def test_time_budget_under_torchrun_with_clocks_that_differ(tmp_path):
     proc = run_torchrun(TINY + ["--dataset", "synthetic", "--limit", "256", "--batch-size", "32", "--epochs",
                                 "1000", "--log-every", "1", "--time-budget", "0.05", "--out", out],
                         env=dict(PYTHONPATH=os.pathsep.join(path)))
-    _, err = finish(proc, 120)
+    _, err = finish(proc)
     assert proc.returncode == 0, err[-2000:]
     rows = read_log(out)
     budget = [r for r in rows if r["kind"] == "budget"]

@@ -299,6 +299,8 @@ def train(cfg, run, resumed, rank, world, device, train_set, bank, test_set):
             runtime.save_checkpoint_or_exit(path, cfg, model, opt.state_dict(), step, step // spe,
                                             dict(generators=states, budget_pending=pending, total_steps=total,
                                                  schedule=opt.schedule[:, :total + 1].cpu()), run)
+        if world > 1:       # no rank ends before the file is written: torchrun stops the others when one ends
+            dist.barrier()
         return time.time()
 
     def knn():
