@@ -65,20 +65,20 @@ def features(backbone, images, size, mean, std, batch_size=512, mean_patch=False
     return torch.cat(out)
 
 
-@torch.no_grad()
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k=20, T=0.07, chunk=1024):
     """Top-1 (%) of k-NN on L2-normalised features (as DINO): the k nearest training ones vote, weight exp(cos / T)."""
-    train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
-    train_labels, test_labels = train_labels.to(train_feats.device), test_labels.to(train_feats.device)
-    k = min(k, len(train_feats))
-    correct = 0
-    for i in range(0, len(test_feats), chunk):
-        sim = test_feats[i:i + chunk] @ train_feats.t()               # (b, N_train) cosine
-        top, idx = sim.topk(k, dim=1)                                 # (b, k)
-        votes = torch.zeros(len(top), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[idx], (top / T).exp())
-        correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
-    return 100.0 * correct / len(test_feats)
+    with torch.no_grad():
+        train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
+        train_labels, test_labels = train_labels.to(train_feats.device), test_labels.to(train_feats.device)
+        k = min(k, len(train_feats))
+        correct = 0
+        for i in range(0, len(test_feats), chunk):
+            sim = test_feats[i:i + chunk] @ train_feats.t()               # (b, N_train) cosine
+            top, idx = sim.topk(k, dim=1)                                 # (b, k)
+            votes = torch.zeros(len(top), num_classes, device=sim.device)
+            votes.scatter_add_(1, train_labels[idx], (top / T).exp())
+            correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
+        return 100.0 * correct / len(test_feats)
 
 
 # === Linear probe and few-shot: multinomial logistic regression on frozen, standardised features

@@ -94,30 +94,29 @@ class AdamW:
         for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
             m.copy_(sd["state"][i]["exp_avg"])
             v.copy_(sd["state"][i]["exp_avg_sq"])
-        self.t.fill_(int(sd["state"][0]["step"]) if sd["state"] else step)
+        self.t.fill_(int(sd["state"][0]["step"]))                       # one count for all: written so above
         self.step.fill_(step)
 
 
-@torch.no_grad()
 def adamw_(opt, grads, lr, wd, ok, betas=(0.9, 0.999), eps=1e-8):
     """AdamW (Loshchilov and Hutter) as torch.optim.AdamW, over lists of tensors with 0-dim lr, wd and
     step count (torch.optim's step() would break the graph). ok False (grads then 0): nothing changes."""
-    b1, b2 = betas
-    opt.t.add_(ok.long())
-    t = opt.t.clamp(min=1)
-    torch._foreach_mul_(opt.decay, torch.where(ok, 1 - lr * wd, 1.0))         # decoupled weight decay
-    torch._foreach_lerp_(opt.exp_avg, grads, [torch.where(ok, 1 - b1, 0.0)] * len(grads))  # m <- b1 m + (1 - b1) g
-    torch._foreach_mul_(opt.exp_avg_sq, torch.where(ok, b2, 1.0))            # v <- b2 v + (1 - b2) g^2
-    torch._foreach_addcmul_(opt.exp_avg_sq, grads, grads, value=1 - b2)
-    denom = torch._foreach_sqrt(opt.exp_avg_sq)
-    torch._foreach_div_(denom, (1 - b2 ** t).sqrt())
-    torch._foreach_add_(denom, eps)                                          # sqrt(v / (1 - b2^t)) + eps
-    # p <- p - lr m / (1 - b1^t) / denom; a step size of 0 (not ok, or lr 0) divides denom to inf: p + 0
-    torch._foreach_div_(denom, torch.where(ok, -lr / (1 - b1 ** t), 0.0))
-    torch._foreach_addcdiv_(opt.params, opt.exp_avg, denom)
+    with torch.no_grad():
+        b1, b2 = betas
+        opt.t.add_(ok.long())
+        t = opt.t.clamp(min=1)
+        torch._foreach_mul_(opt.decay, torch.where(ok, 1 - lr * wd, 1.0))         # decoupled weight decay
+        torch._foreach_lerp_(opt.exp_avg, grads, [torch.where(ok, 1 - b1, 0.0)] * len(grads))  # m <- b1 m + (1 - b1) g
+        torch._foreach_mul_(opt.exp_avg_sq, torch.where(ok, b2, 1.0))            # v <- b2 v + (1 - b2) g^2
+        torch._foreach_addcmul_(opt.exp_avg_sq, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(opt.exp_avg_sq)
+        torch._foreach_div_(denom, (1 - b2 ** t).sqrt())
+        torch._foreach_add_(denom, eps)                                          # sqrt(v / (1 - b2^t)) + eps
+        # p <- p - lr m / (1 - b1^t) / denom; a step size of 0 (not ok, or lr 0) divides denom to inf: p + 0
+        torch._foreach_div_(denom, torch.where(ok, -lr / (1 - b1 ** t), 0.0))
+        torch._foreach_addcdiv_(opt.params, opt.exp_avg, denom)
 
 
-@torch.no_grad()
 def clip_grad_norm_(grads, max_norm, per_tensor=False, norms=None, ok=True):
     """Scale `grads` in place so that their L2 norm is at most `max_norm` (0: no clipping), without a host
     sync; ok False (a step to skip): to 0, non-finite values included. norms: the tensors' norms, if known.
@@ -125,13 +124,14 @@ def clip_grad_norm_(grads, max_norm, per_tensor=False, norms=None, ok=True):
     Differs from the reference code (per_tensor: each parameter tensor clipped on its own): one
     global norm, the usual choice, keeps the update's direction.
     """
-    norms = torch.stack(torch._foreach_norm(grads)) if norms is None else norms   # (n,)
-    total = norms if per_tensor else torch.linalg.vector_norm(norms)
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0) if max_norm > 0 else norms.new_ones(())
-    scale = torch.where(torch.as_tensor(ok), scale, 0.0)                      # () or (n,) per tensor
-    for g in grads:
-        g.nan_to_num_(0.0, 0.0, 0.0)                                         # so that 0 x g is 0
-    torch._foreach_mul_(grads, list(scale.unbind()) if scale.ndim else scale)
+    with torch.no_grad():
+        norms = torch.stack(torch._foreach_norm(grads)) if norms is None else norms   # (n,)
+        total = norms if per_tensor else torch.linalg.vector_norm(norms)
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0) if max_norm > 0 else norms.new_ones(())
+        scale = torch.where(torch.as_tensor(ok), scale, 0.0)                      # () or (n,) per tensor
+        for g in grads:
+            g.nan_to_num_(0.0, 0.0, 0.0)                                         # so that 0 x g is 0
+        torch._foreach_mul_(grads, list(scale.unbind()) if scale.ndim else scale)
 
 
 def all_reduce_mean_(tensors):
