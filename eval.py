@@ -119,14 +119,21 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=0, grid=WEI
     """Top-1 (%) on test of a linear probe on standardised features (N, F), and its details: the weight decay of the
     grid with the best top-1 on a held-out VAL_SHARE of train, then the probe refitted on all of train."""
     train_x, test_x = standardize(train_x, test_x)
+    head, details = probe(train_x, train_y, num_classes, seed, grid, steps)
+    return top1(head, test_x, test_y), details
+
+
+def probe(train_x, train_y, num_classes, seed=0, grid=WEIGHT_DECAYS, steps=500):
+    """The linear probe of features (N, F) and its details: fitted on all of train with the weight decay of the grid
+    that gives the best top-1 on a held-out VAL_SHARE of train."""
     perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
     n_val = max(1, int(VAL_SHARE * len(train_x)))
     val, fit = perm[:n_val], perm[n_val:]
     val_acc = {wd: top1(fit_linear(train_x[fit], train_y[fit], num_classes, wd, steps), train_x[val],
                         train_y[val]) for wd in grid}
     best = max(grid, key=lambda wd: (val_acc[wd], wd))                # ties: the stronger decay
-    acc = top1(fit_linear(train_x, train_y, num_classes, best, steps), test_x, test_y)
-    return acc, dict(weight_decay=best, val_accuracy={f"{wd:g}": round(a, 2) for wd, a in val_acc.items()})
+    return (fit_linear(train_x, train_y, num_classes, best, steps),
+            dict(weight_decay=best, val_accuracy={f"{wd:g}": round(a, 2) for wd, a in val_acc.items()}))
 
 
 def per_class(labels, num_classes, count, seed):
@@ -191,6 +198,19 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.backbone(x)[:, 0])
+
+
+def probe_head(model, images, labels, stats, args):
+    """LP-FT (Kumar et al., ICLR 2022): the head starts as the linear probe of the frozen encoder's features
+    (--mode linear's, its standardisation folded into the weights), so that the first steps do not bend the
+    pretrained features to fit a random head. Returns the probe's details."""
+    with torch.no_grad():
+        x = features(model.backbone, images, args.img_size, *stats)
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)                   # as standardize
+        head, details = probe((x - mean) / std, labels, model.head.out_features, args.seed, steps=args.probe_steps)
+        model.head.weight.copy_(head.weight / std)                        # W (x - mean) / std + b
+        model.head.bias.copy_(head.bias - model.head.weight @ mean)
+        return details
 
 
 def param_groups(model, weight_decay, layer_decay):
@@ -307,6 +327,7 @@ def run_finetune(args, backbone, train, test):
     spe = len(images) // args.batch_size                              # steps per epoch
     step, total, loss, done = 0, args.epochs * spe, torch.zeros((), device=images.device), [0]   # done: evaluated at
     budget, start = runtime.Budget(args.time_budget) if args.time_budget else None, time.time()
+    probed = probe_head(model, images, labels, stats, args) if args.head_init == "probe" else None   # in the budget
     print(f"{'epoch':>7} {'loss':>7} {'top-1':>7} {'seconds':>8}")
     model.train()
     while step < total:
@@ -334,11 +355,11 @@ def run_finetune(args, backbone, train, test):
                              num_classes=train.num_classes, model={k: v.cpu() for k, v in model.state_dict().items()},
                              epoch=step / spe, accuracy=accs[-1], torch_version=str(torch.__version__)), path)
     recipe = ("lr batch_size min_lr warmup_epochs weight_decay layer_decay drop_path crop_min randaug_n randaug_m "
-              "randaug_mstd reprob mixup cutmix mixup_prob mixup_switch_prob smoothing time_budget").split()
+              "randaug_mstd reprob mixup cutmix mixup_prob mixup_switch_prob smoothing time_budget head_init").split()
     # The headline is the last epoch: the best epoch is picked by looking at the evaluation split.
     return dict(accuracy=accs[-1], best_epoch_picked_on_test=max(accs), per_epoch=accs,
-                evaluated_at_epoch=[d / spe for d in done[1:]], finetune_epochs=step / spe,
-                finetune_steps=step, **{name: getattr(args, name) for name in recipe}, finetuned=path)
+                evaluated_at_epoch=[d / spe for d in done[1:]], finetune_epochs=step / spe, finetune_steps=step,
+                **{name: getattr(args, name) for name in recipe}, probe=probed, finetuned=path)
 
 
 # === Command line
@@ -405,6 +426,8 @@ FLAGS = {
     "--mixup-prob": (float, 1.0, "finetune: probability that a batch is mixed", allowed(0, 1)),
     "--mixup-switch-prob": (float, 0.5, "finetune: probability of CutMix when both are on", allowed(0, 1)),
     "--smoothing": (float, 0.1, "finetune: label smoothing", allowed(0, 1)),
+    "--head-init": (str, "random", "finetune: the head's start: random (MAE), or probe: the linear probe of the "
+                    "frozen features, as LP-FT (Kumar et al., ICLR 2022)", one_of("random", "probe")),
     "--time-budget": (float, 0.0, "finetune: minutes of fine-tuning, the length fitted to the measured speed "
                       "(--epochs its bound); 0 = --epochs", allowed(0)),
     "--label-fraction": (float, 1.0, "share of the labelled training images used, class-balanced, drawn by --seed: "
@@ -416,9 +439,10 @@ FLAGS = {
 }
 FINETUNE_RECIPES = {  # name: (what it is, its flag values)
     "mae": ("MAE's and DeiT's ImageNet recipe for 100 epochs (the defaults above)", {}),
-    "short": ("for runs of minutes: crops of the whole image and flips, no RandAugment, erasing or mixing",
+    "short": ("for runs of minutes: the head starts as the linear probe; crops of the whole image and flips, no "
+              "RandAugment, erasing or mixing",
               dict(batch_size=64, crop_min=1.0, randaug_n=0, reprob=0.0, mixup=0.0, cutmix=0.0, warmup_epochs=1.0,
-                   lr=3e-3)),   # chosen on held-out training images: RESULTS.md
+                   lr=3e-3, head_init="probe")),   # chosen on held-out training images: RESULTS.md
 }
 FLAGS["--recipe"] = FLAGS["--recipe"][:2] + (
     "finetune: a named set of flag values, which flags given override: "
@@ -449,7 +473,7 @@ def parse_args(argv):
     runtime.check_flags(p, args, {flag: rule for flag, (*_, rule) in FLAGS.items()})
     args.shots = [int(s) for s in args.shots.split(",")]
     if args.mode != "finetune":                                       # fine-tuning only: never dropped
-        for flag in ("--recipe", "--time-budget"):
+        for flag in ("--recipe", "--time-budget", "--head-init"):
             if any(a == flag or a.startswith(flag + "=") for a in (argv if argv is not None else sys.argv[1:])):
                 p.error(f"{flag}: for --mode finetune, not for --mode {args.mode}")
     for flag, given in (("--raw-pixels", args.raw_pixels), ("--mean-patch", args.mean_patch),

@@ -158,6 +158,29 @@ def test_linear_probe_separates_a_separable_problem():
     assert acc > 95 and details["weight_decay"] in ev.WEIGHT_DECAYS
 
 
+def test_probe_head_starts_fine_tuning_where_the_linear_probe_ends():
+    """--head-init probe: the Classifier's head on the raw CLS features gives the logits of the linear probe on the
+    standardised features (the standardisation folded in, the weight decay chosen alike), and it is not the
+    random head it replaces; the encoder is left as it was (train mode, weights)."""
+    torch.manual_seed(0)
+    vit = sit.ViT(16, 4, 3, 32, 2, 2, 4.0, 0.0)
+    images, labels = torch.randint(0, 256, (120, 3, 16, 16), dtype=torch.uint8), torch.arange(120) % 3
+    images[labels == 1, 0] //= 2                                       # classes a probe can tell apart
+    stats = ((0.5,) * 3, (0.25,) * 3)
+    model = ev.Classifier(vit, 3)
+    before, weights = model.head.weight.clone(), {k: v.clone() for k, v in vit.state_dict().items()}
+    args = ev.parse_args(["x.pt", "--mode", "finetune", "--head-init", "probe", "--probe-steps", "50"])
+    args.img_size = 16
+    details = ev.probe_head(model, images, labels, stats, args)
+    x = ev.features(vit, images, 16, *stats)
+    z, = ev.standardize(x)
+    head, expected = ev.probe(z, labels, 3, 0, steps=50)
+    assert details == expected
+    assert torch.allclose(model.head(x), head(z), atol=1e-4)
+    assert not torch.allclose(model.head.weight, before, atol=1e-3)
+    assert vit.training and all(torch.equal(v, weights[k]) for k, v in vit.state_dict().items())
+
+
 def test_fewshot_draws_exactly_k_per_class_and_differ_per_seed():
     labels = torch.arange(300) % 10
     a = ev.fewshot_indices(labels, 10, 5, seed=0)
@@ -434,10 +457,12 @@ def test_a_held_out_share_never_reads_the_test_split(ckpt, monkeypatch):
         assert train, "the test split was read"
         return load(name, data_dir, train=train, **kw)
     monkeypatch.setattr(data, "load", train_split_only)
-    for flags in (["--mode", "finetune", "--random-init", "--recipe", "short", "--epochs", "1", "--batch-size", "64"],
-                  ["--mode", "knn"]):
-        _, line = run(ckpt, *flags, "--label-fraction", "0.5", "--val-share", "0.2")
+    lines = [run(ckpt, *flags, "--label-fraction", "0.5", "--val-share", "0.2")[1] for flags in (
+        ["--mode", "finetune", "--random-init", "--recipe", "short", "--epochs", "1", "--batch-size", "64"],
+        ["--mode", "knn"])]
+    for line in lines:
         assert (line["n_train"], line["n_test"], line["evaluated_on"]) == (820, 200, "held-out training images")
+    assert lines[0]["probe"]["weight_decay"] in ev.WEIGHT_DECAYS       # --recipe short: the head from the probe
 
 
 def test_finetuning_time_budget_ends_on_time_with_a_result(ckpt, monkeypatch):
@@ -459,7 +484,8 @@ def test_finetuning_time_budget_ends_on_time_with_a_result(ckpt, monkeypatch):
     monkeypatch.setattr(ev, "finetune_step", timed_step)
     monkeypatch.setattr(ev, "top1", timed_top1)
     _, line = run(ckpt, "--mode", "finetune", "--recipe", "short", "--epochs", "1000", "--batch-size", "64",
-                  "--lr", "1e-3", "--limit", "256", "--time-budget", "0.05", "--warmup-epochs", "0")
+                  "--lr", "1e-3", "--limit", "256", "--time-budget", "0.05", "--warmup-epochs", "0", "--head-init",
+                  "random")
     assert (line["finetune_steps"], line["finetune_epochs"], line["time_budget"]) == (48, 12, 0.05)
     assert line["evaluated_at_epoch"] == [3, 5, 7, 9, 11, 12] and len(line["per_epoch"]) == 6
     assert 0 <= line["accuracy"] <= 100 and len(lrs) == 48

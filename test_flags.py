@@ -60,6 +60,7 @@ EVAL_BAD = {
     "--label-fraction": ["0", "1.5", "-0.1", "nan"],
     "--val-share": ["1", "-0.1"],
     "--recipe": ["nope"],
+    "--head-init": ["zeros"],
 }
 VISUALIZE_BAD = {
     "--n": ["0", "-1", "257", "two"],
@@ -148,7 +149,7 @@ def test_flag_combinations_are_refused(ckpt, capsys):
         assert flags[0] in err and "--raw-pixels" in err
     err = refused(visualize, "visualize.py", [str(ckpt), "--attention", "--curves"], ckpt, capsys)
     assert "--curves" in err and "--attention" in err
-    for flags in (["--recipe", "short"], ["--time-budget", "1"]):     # fine-tuning only: never dropped
+    for flags in (["--recipe", "short"], ["--time-budget", "1"], ["--head-init", "probe"]):   # fine-tuning only
         err = refused(ev, "eval.py", [str(ckpt), "--mode", "knn", *flags], ckpt, capsys)
         assert err == f"eval.py: error: {flags[0]}: for --mode finetune, not for --mode knn\n"
 
@@ -347,16 +348,20 @@ def test_an_unknown_recipe_is_one_line_naming_the_known_ones(tmp_path):
 
 def test_the_short_finetuning_recipe_and_a_flag_over_it(ckpt):
     """--recipe short (written out here): batch 64, whole-image crops, no RandAugment, erasing or mixing, 1
-    warm-up epoch, lr 3e-3; the rest are the defaults; a flag given wins. The default recipe is mae (MAE's)."""
+    warm-up epoch, lr 3e-3, the head from the linear probe; the rest are the defaults; a flag given wins. The
+    default recipe is mae (MAE's, a random head)."""
     args = ev.parse_args([str(ckpt), "--mode", "finetune", "--recipe", "short", "--batch-size", "32"])
-    assert (args.crop_min, args.randaug_n, args.reprob, args.mixup, args.cutmix, args.warmup_epochs, args.lr) == \
-        (1.0, 0, 0.0, 0.0, 0.0, 1.0, 3e-3)
+    assert (args.crop_min, args.randaug_n, args.reprob, args.mixup, args.cutmix, args.warmup_epochs, args.lr,
+            args.head_init) == (1.0, 0, 0.0, 0.0, 0.0, 1.0, 3e-3, "probe")
     assert args.batch_size == 32
     assert ev.parse_args([str(ckpt), "--mode", "finetune", "--recipe", "short"]).batch_size == 64
     assert (args.smoothing, args.layer_decay, args.drop_path, args.weight_decay, args.epochs) == \
         (0.1, 0.75, 0.1, 0.05, 100)
     args = ev.parse_args([str(ckpt), "--mode", "finetune"])
-    assert (args.recipe, args.crop_min, args.randaug_n, args.mixup, args.lr) == ("mae", 0.08, 2, 0.8, 5e-4)
+    assert (args.recipe, args.crop_min, args.randaug_n, args.mixup, args.lr, args.head_init) == (
+        "mae", 0.08, 2, 0.8, 5e-4, "random")
+    assert ev.parse_args([str(ckpt), "--mode", "finetune", "--recipe", "short", "--head-init", "random"]).head_init \
+        == "random"
 
 
 def test_the_recipe_is_recorded_and_resume_keeps_it(tmp_path, capsys):
