@@ -119,11 +119,11 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=0, grid=WEI
     """Top-1 (%) on test of a linear probe on standardised features (N, F), and its details: the weight decay of the
     grid with the best top-1 on a held-out VAL_SHARE of train, then the probe refitted on all of train."""
     train_x, test_x = standardize(train_x, test_x)
-    head, details = probe(train_x, train_y, num_classes, seed, grid, steps)
+    head, details = probe(train_x, train_y, num_classes, seed, steps, grid)
     return top1(head, test_x, test_y), details
 
 
-def probe(train_x, train_y, num_classes, seed=0, grid=WEIGHT_DECAYS, steps=500):
+def probe(train_x, train_y, num_classes, seed, steps, grid=WEIGHT_DECAYS):
     """The linear probe of features (N, F) and its details: fitted on all of train with the weight decay of the grid
     that gives the best top-1 on a held-out VAL_SHARE of train."""
     perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
@@ -207,7 +207,7 @@ def probe_head(model, images, labels, stats, args):
     with torch.no_grad():
         x = features(model.backbone, images, args.img_size, *stats)
         mean, std = x.mean(0), x.std(0).clamp(min=1e-6)                   # as standardize
-        head, details = probe((x - mean) / std, labels, model.head.out_features, args.seed, steps=args.probe_steps)
+        head, details = probe((x - mean) / std, labels, model.head.out_features, args.seed, args.probe_steps)
         model.head.weight.copy_(head.weight / std)                        # W (x - mean) / std + b
         model.head.bias.copy_(head.bias - model.head.weight @ mean)
         return details

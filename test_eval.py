@@ -174,7 +174,7 @@ def test_probe_head_starts_fine_tuning_where_the_linear_probe_ends():
     details = ev.probe_head(model, images, labels, stats, args)
     x = ev.features(vit, images, 16, *stats)
     z, = ev.standardize(x)
-    head, expected = ev.probe(z, labels, 3, 0, steps=50)
+    head, expected = ev.probe(z, labels, 3, 0, 50)
     assert details == expected
     assert torch.allclose(model.head(x), head(z), atol=1e-4)
     assert not torch.allclose(model.head.weight, before, atol=1e-3)
