@@ -115,23 +115,23 @@ def top1(head, x, y):
         return 100.0 * (head(x).argmax(1) == y).float().mean().item()
 
 
-def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=0, grid=WEIGHT_DECAYS, steps=500):
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=0, steps=500):
     """Top-1 (%) on test of a linear probe on standardised features (N, F), and its details: the weight decay of the
     grid with the best top-1 on a held-out VAL_SHARE of train, then the probe refitted on all of train."""
     train_x, test_x = standardize(train_x, test_x)
-    head, details = probe(train_x, train_y, num_classes, seed, steps, grid)
+    head, details = probe(train_x, train_y, num_classes, seed, steps)
     return top1(head, test_x, test_y), details
 
 
-def probe(train_x, train_y, num_classes, seed, steps, grid=WEIGHT_DECAYS):
+def probe(train_x, train_y, num_classes, seed, steps):
     """The linear probe of features (N, F) and its details: fitted on all of train with the weight decay of the grid
     that gives the best top-1 on a held-out VAL_SHARE of train."""
     perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
     n_val = max(1, int(VAL_SHARE * len(train_x)))
     val, fit = perm[:n_val], perm[n_val:]
     val_acc = {wd: top1(fit_linear(train_x[fit], train_y[fit], num_classes, wd, steps), train_x[val],
-                        train_y[val]) for wd in grid}
-    best = max(grid, key=lambda wd: (val_acc[wd], wd))                # ties: the stronger decay
+                        train_y[val]) for wd in WEIGHT_DECAYS}
+    best = max(WEIGHT_DECAYS, key=lambda wd: (val_acc[wd], wd))                # ties: the stronger decay
     return (fit_linear(train_x, train_y, num_classes, best, steps),
             dict(weight_decay=best, val_accuracy={f"{wd:g}": round(a, 2) for wd, a in val_acc.items()}))
 

@@ -9,9 +9,10 @@
 `--format release` writes `<name>-release.pt`: the checkpoint in float16 without the optimizer and the projection
 heads, which eval.py, visualize.py and torch.hub load like any other (the model shipped in models/ is one).
 Otherwise it writes `<name>.pth` (tensors, for torch.load(weights_only=True)) and `<name>.json` (architecture,
-normalisation, the Python lines that rebuild the model and load it strictly) beside the checkpoint. The encoder is the one eval.py
-evaluates: the momentum teacher's backbone (as in DINO and MoCo v3). Neither timm nor torchvision is imported; the
-layouts are written out below. Shapes: D token width, N patches, P patch side, C channels, L depth, K classes.
+normalisation, the Python lines that rebuild the model and load it strictly) beside the checkpoint. The encoder is
+the one eval.py evaluates: the momentum teacher's backbone (as in DINO and MoCo v3). Neither timm nor torchvision
+is imported; the layouts are written out below. Shapes: D token width, N patches, P patch side, C channels, L depth,
+K classes.
 """
 import argparse
 import json

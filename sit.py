@@ -143,8 +143,7 @@ def gmml_corrupt(x, drop_perc=0.5, drop_replace=0.3, align=4, drop_type="noise",
     hi = torch.where(replace, drop_replace, drop_perc)
     share = hi.clamp(max=0.5) + u[:, 1] * (hi - hi.clamp(max=0.5))  # ~ U(min(0.5, hi), hi)
     mask = gmml_mask(share, *x.shape[2:], align, max_block, max_share=max(drop_perc, drop_replace))
-    # Differs from the reference code: the source is never the image itself (offset in 1..B-1), because a region
-    # replaced by its own pixels is not corrupted at all, yet L_recons would count it as corrupted.
+    # Differs from the reference code: never the image itself (offset 1..B-1), which L_recons would count as corrupted.
     src = (torch.arange(B, device=x.device) + 1 + (u[:, 2] * max(B - 1, 1)).long().clamp(max=max(B - 2, 0))) % B
     fill = rng.randn(*x.shape, device=x.device).to(x.dtype) if drop_type == "noise" else torch.zeros_like(x)
     fill = torch.where(replace.view(B, 1, 1, 1), x[src], fill)
@@ -257,11 +256,9 @@ def init_weights(m):
 class Decoder(nn.Module):
     """Patch tokens (B, N, D) -> image (B, C, H, W): 3 x (Linear, GELU), then per-token Linear to P*P*C.
 
-    The reference writes the last layer as ConvTranspose2d(D, C, P, stride=P), a per-token linear map
-    with one bias per channel. Differs from the reference code: one bias per output pixel, so its
-    functions include theirs (theirs is ours with each channel's bias shared across the patch), and
-    trunc-normal init like the rest of the ViT (theirs: PyTorch's Kaiming default), because a plain
-    per-token Linear is the simplest way to write it and loses nothing.
+    The reference writes the last layer as ConvTranspose2d(D, C, P, stride=P), a per-token linear map with a bias
+    per channel. Differs from the reference code: a bias per output pixel (its functions include theirs) and
+    trunc-normal init like the rest of the ViT (theirs: Kaiming), the plainest way to write it, losing nothing.
     """
 
     def __init__(self, dim, patch_size, in_chans):

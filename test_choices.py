@@ -274,7 +274,9 @@ def test_two_steps_are_the_plain_torch_steps(clip_mode):
         params = list(ref.student.parameters())
         for group in ([params] if clip_mode == "global" else [[p] for p in params]):
             torch.nn.utils.clip_grad_norm_(group, 0.5)
-        ref_opt.param_groups[0]["lr"], ref_opt.param_groups[1]["lr"], ref_opt.param_groups[0]["weight_decay"] = lr, lr, wd
+        for group in ref_opt.param_groups:
+            group["lr"] = lr
+        ref_opt.param_groups[0]["weight_decay"] = wd
         ref_opt.step()
         ref.update_teacher(m)
     # Gradients 0 but for rounding, which Adam scales up to +-lr: biases before batch norm (a shift it takes out,
